@@ -1,0 +1,187 @@
+//! `dir:PATH` — one sparse file per chunk, named by chunk index, with a
+//! bounded cache of open files. A chunk with no file reads as zeros.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::num::NonZeroUsize;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use lru::LruCache;
+use nix::fcntl::{fallocate, FallocateFlags};
+
+use super::{check_range, chunk_spans, Backend, Error, Result};
+
+/// Open files kept per region; more chunks than this reopen on use.
+pub const DEFAULT_OPEN_FILES: usize = 256;
+
+pub struct Dir {
+    root: PathBuf,
+    size: u64,
+    chunk: u64,
+    open: Mutex<LruCache<u64, Arc<File>>>,
+    /// Chunks written since the last flush; fsynced by the next one.
+    dirty: Mutex<HashSet<u64>>,
+    /// A chunk file was created or removed: the directory needs an fsync too.
+    dir_dirty: std::sync::atomic::AtomicBool,
+}
+
+impl Dir {
+    pub fn open(root: &Path, size: u64, chunk: u64, max_open: usize) -> Result<Self> {
+        if chunk == 0 {
+            return Err(Error::Config("chunk size must be positive".into()));
+        }
+        std::fs::create_dir_all(root)?;
+        Ok(Dir {
+            root: root.to_path_buf(),
+            size,
+            chunk,
+            open: Mutex::new(LruCache::new(NonZeroUsize::new(max_open.max(1)).unwrap())),
+            dirty: Mutex::new(HashSet::new()),
+            dir_dirty: Default::default(),
+        })
+    }
+
+    fn path(&self, idx: u64) -> PathBuf {
+        self.root.join(format!("{idx:016x}.chunk"))
+    }
+
+    /// The open file of chunk `idx`; `None` when it does not exist and
+    /// `create` is false.
+    fn file(&self, idx: u64, create: bool) -> Result<Option<Arc<File>>> {
+        if let Some(f) = self.open.lock().unwrap().get(&idx) {
+            return Ok(Some(f.clone()));
+        }
+        let path = self.path(idx);
+        let file = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)?;
+                self.dir_dirty
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                f
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let file = Arc::new(file);
+        self.open.lock().unwrap().put(idx, file.clone());
+        Ok(Some(file))
+    }
+
+    fn chunk_len(&self, idx: u64) -> u64 {
+        (self.size - idx * self.chunk).min(self.chunk)
+    }
+}
+
+#[async_trait]
+impl Backend for Dir {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        for (idx, within, pos, n) in chunk_spans(offset, buf.len() as u64, self.chunk) {
+            let out = &mut buf[pos as usize..(pos + n) as usize];
+            let Some(file) = self.file(idx, false)? else {
+                out.fill(0);
+                continue;
+            };
+            let mut done = 0;
+            while done < out.len() {
+                match file.read_at(&mut out[done..], within + done as u64) {
+                    Ok(0) => {
+                        out[done..].fill(0); // a chunk file is only as long as its last write
+                        break;
+                    }
+                    Ok(k) => done += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        check_range(offset, data.len() as u64, self.size)?;
+        for (idx, within, pos, n) in chunk_spans(offset, data.len() as u64, self.chunk) {
+            let file = self.file(idx, true)?.expect("created");
+            file.write_all_at(&data[pos as usize..(pos + n) as usize], within)?;
+            self.dirty.lock().unwrap().insert(idx);
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let dirty: Vec<u64> = std::mem::take(&mut *self.dirty.lock().unwrap())
+            .into_iter()
+            .collect();
+        let mut files = Vec::with_capacity(dirty.len());
+        for idx in &dirty {
+            if let Some(f) = self.file(*idx, false)? {
+                files.push(f);
+            }
+        }
+        let sync_dir = self
+            .dir_dirty
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let root = self.root.clone();
+        let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            for f in files {
+                f.sync_data()?;
+            }
+            if sync_dir {
+                File::open(&root)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        if res.is_err() {
+            // Keep them dirty so the next flush tries again.
+            self.dirty.lock().unwrap().extend(dirty);
+            if sync_dir {
+                self.dir_dirty
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        Ok(res?)
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.size)?;
+        for (idx, within, _, n) in chunk_spans(offset, len, self.chunk) {
+            if n == self.chunk_len(idx) {
+                self.open.lock().unwrap().pop(&idx);
+                match std::fs::remove_file(self.path(idx)) {
+                    Ok(()) => self
+                        .dir_dirty
+                        .store(true, std::sync::atomic::Ordering::SeqCst),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.dirty.lock().unwrap().remove(&idx);
+            } else if let Some(file) = self.file(idx, false)? {
+                use std::os::fd::AsRawFd;
+                fallocate(
+                    file.as_raw_fd(),
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    within as i64,
+                    n as i64,
+                )
+                .map_err(|e| Error::Io(e.into()))?;
+                self.dirty.lock().unwrap().insert(idx);
+            }
+        }
+        Ok(())
+    }
+}

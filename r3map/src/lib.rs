@@ -1,0 +1,11 @@
+//! r3map: remote mmap.
+//!
+//! Serves any storage backend as a block device over NBD. The engine holds no
+//! Kubernetes: backends ([`backend`]), the NBD server ([`nbd`]) and the
+//! helpers the CLI and the CSI node plugin share ([`size`]).
+
+pub mod backend;
+pub mod nbd;
+pub mod size;
+
+pub use backend::{Backend, Error, Result};

@@ -1,0 +1,137 @@
+//! `r3map`: serve a storage backend as an NBD export.
+
+use std::net::SocketAddr;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use r3map::backend::{self, DEFAULT_CHUNK_SIZE};
+use r3map::nbd::{server, Export, Server};
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(
+    name = "r3map",
+    version,
+    about = "Remote mmap: any storage backend as a Linux block device over NBD"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a backend as an NBD export until SIGINT/SIGTERM, then flush and exit.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("transport").required(true).args(["socket", "listen", "fd"]))]
+struct ServeArgs {
+    /// Where the bytes live: memory:, file:PATH, dir:PATH or redis://HOST:PORT/DB?prefix=NAME
+    #[arg(long, value_name = "URI")]
+    backend: String,
+    /// Size of the export, e.g. 1GiB, 512MiB, 4096
+    #[arg(long, value_parser = parse_size)]
+    size: u64,
+    /// Serve on a unix socket at this path
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Serve over TCP on this loopback address, e.g. 127.0.0.1:10809
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<SocketAddr>,
+    /// Serve one already-connected socket inherited as this file descriptor
+    #[arg(long, value_name = "N")]
+    fd: Option<i32>,
+    /// Refuse writes, trims and zeroing
+    #[arg(long)]
+    read_only: bool,
+    /// Chunk size of chunked backends (dir, redis, memory)
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
+    chunk_size: u64,
+    /// Export name; clients asking for the empty name get this export too
+    #[arg(long, default_value = "r3map")]
+    name: String,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    r3map::size::parse(s)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("R3MAP_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let res = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Serve(a) => serve(a).await,
+        }
+    });
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("r3map: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let backend = backend::open(&a.backend, a.size, a.chunk_size).await?;
+    let srv = Server::single(Export::new(a.name.clone(), backend).read_only(a.read_only));
+
+    let mut _socket_file = None;
+    let accept = {
+        let srv = srv.clone();
+        if let Some(path) = &a.socket {
+            let l = server::bind_unix(path)?;
+            _socket_file = Some(server::SocketFile(path.clone()));
+            tokio::spawn(async move { srv.listen_unix(l).await })
+        } else if let Some(addr) = a.listen {
+            let l = server::bind_tcp(addr).await?;
+            tokio::spawn(async move { srv.listen_tcp(l).await })
+        } else {
+            let fd = a.fd.expect("clap requires one transport");
+            // SAFETY: the caller handed us this descriptor to own.
+            let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+            std.set_nonblocking(true)?;
+            let conn = srv.spawn_connected(tokio::net::UnixStream::from_std(std)?);
+            // One connection: serve until it ends.
+            tokio::spawn(async move { conn.await.map_err(std::io::Error::other) })
+        }
+    };
+    println!(
+        "r3map: serving {} ({} bytes) as export {:?}",
+        a.backend, a.size, a.name
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+        _ = term.recv() => info!("SIGTERM"),
+        r = accept => { r??; }
+    }
+    srv.shutdown();
+    if tokio::time::timeout(Duration::from_secs(10), srv.wait())
+        .await
+        .is_err()
+    {
+        info!("connections still busy after 10 s; flushing anyway");
+    }
+    srv.flush_all().await?;
+    info!("flushed; exiting");
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! The NBD server: fixed newstyle handshake ([`handshake`]), a pipelined
+//! transmission loop that serves many requests concurrently
+//! ([`transmission`]), and the listeners for unix sockets, TCP and sockets
+//! handed over already connected ([`server`]).
+
+pub mod export;
+pub mod handshake;
+pub mod proto;
+pub mod server;
+pub mod transmission;
+
+pub use export::{Export, Limits};
+pub use server::Server;
