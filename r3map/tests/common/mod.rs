@@ -1,0 +1,172 @@
+//! Shared by the integration tests: start the real `r3map` binary and the
+//! real peers (redis-server), and stop them when the test ends.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the `r3map` binary built for this test run.
+pub fn r3map_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_r3map")
+}
+
+/// A free loopback TCP port (bound then released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Fails the test with a clear message when a required tool is missing:
+/// tests never skip silently.
+pub fn require(tool: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "{tool} is not installed: run `bash .ci/install-deps` (as root)");
+}
+
+/// A child process killed (SIGTERM, then SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    /// Sends SIGTERM and waits; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// Where a served export can be reached.
+pub enum Addr {
+    Unix(PathBuf),
+    Tcp(u16),
+}
+
+impl Addr {
+    /// NBD URI for libnbd tools (nbdinfo, nbdcopy) and qemu-img.
+    pub fn uri(&self) -> String {
+        match self {
+            Addr::Unix(p) => format!("nbd+unix:///r3map?socket={}", p.display()),
+            Addr::Tcp(port) => format!("nbd://127.0.0.1:{port}/r3map"),
+        }
+    }
+}
+
+/// Starts `r3map serve` with `args` (backend, size, ...) on `addr`, and waits
+/// until it accepts connections.
+pub fn serve(addr: &Addr, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(r3map_bin());
+    cmd.arg("serve").args(args);
+    match addr {
+        Addr::Unix(p) => cmd.arg("--socket").arg(p),
+        Addr::Tcp(port) => cmd.arg("--listen").arg(format!("127.0.0.1:{port}")),
+    };
+    cmd.env("R3MAP_LOG", "warn").stdout(Stdio::null());
+    let child = cmd.spawn().expect("spawn r3map serve");
+    let mut p = Proc { child, name: "r3map serve".into() };
+    wait_ready(&mut p, addr);
+    p
+}
+
+fn wait_ready(p: &mut Proc, addr: &Addr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            panic!("{} exited early: {st}", p.name);
+        }
+        let up = match addr {
+            Addr::Unix(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+            Addr::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok(),
+        };
+        if up {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} did not start listening", p.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real redis-server on a loopback port, with its data in a temp dir.
+pub struct RedisServer {
+    pub proc: Proc,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        require("redis-server");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut proc = Proc { child, name: "redis-server".into() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(proc.child.try_wait().unwrap().is_none(), "redis-server exited early");
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer { proc, port, _dir: dir }
+    }
+
+    pub fn url(&self, db: u32) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+/// Runs a command, failing the test with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A temp dir for sockets and files of one test.
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+pub fn sock(dir: &Path) -> PathBuf {
+    dir.join("nbd.sock")
+}
