@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod nbd;
+pub mod relay;
 pub mod size;
 
 pub use backend::{Backend, Error, Result};

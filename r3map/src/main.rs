@@ -26,6 +26,25 @@ struct Cli {
 enum Cmd {
     /// Serve a backend as an NBD export until SIGINT/SIGTERM, then flush and exit.
     Serve(ServeArgs),
+    /// Relay TCP connections to a target, adding a round-trip time (latency injection for tests and bench).
+    Relay(RelayArgs),
+}
+
+#[derive(Args)]
+struct RelayArgs {
+    /// Loopback address to accept on, e.g. 127.0.0.1:20000
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Where to connect for each accepted connection
+    #[arg(long)]
+    to: SocketAddr,
+    /// Round-trip time to add, e.g. 10ms (half in each direction)
+    #[arg(long, value_parser = humantime_duration)]
+    rtt: Duration,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 #[derive(Args)]
@@ -77,6 +96,7 @@ fn main() -> ExitCode {
     let res = rt.block_on(async {
         match cli.cmd {
             Cmd::Serve(a) => serve(a).await,
+            Cmd::Relay(a) => relay(a).await,
         }
     });
     match res {
@@ -133,5 +153,17 @@ async fn serve(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     srv.flush_all().await?;
     info!("flushed; exiting");
+    Ok(())
+}
+
+async fn relay(a: RelayArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if !a.listen.ip().is_loopback() {
+        return Err(format!("refusing to relay on {}: loopback only", a.listen).into());
+    }
+    let l = tokio::net::TcpListener::bind(a.listen).await?;
+    tokio::select! {
+        r = r3map::relay::run(l, a.to, a.rtt) => r?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
     Ok(())
 }
