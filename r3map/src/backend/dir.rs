@@ -6,22 +6,38 @@ use std::fs::{File, OpenOptions};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use lru::LruCache;
-use nix::fcntl::{fallocate, FallocateFlags};
 
+use super::file::punch_hole;
 use super::{check_range, chunk_spans, Backend, Error, Result};
 
 /// Open files kept per region; more chunks than this reopen on use.
 pub const DEFAULT_OPEN_FILES: usize = 256;
 
+/// Stripes of [`Dir::gates`]; chunks share a stripe by index modulo this.
+const GATES: usize = 64;
+
+/// A region stored as one file per chunk under a directory.
+///
+/// Chunk `i` lives in `{i:016x}.chunk` and holds bytes `i*chunk ..`; a file
+/// is only as long as its furthest write, and a missing file or the bytes
+/// past its end read as zeros. A trim that covers a whole chunk deletes its
+/// file; a partial one punches a hole. Writes go to the page cache and are
+/// made durable by [`Backend::flush`], which fsyncs the chunk files written
+/// since the last flush (and the directory when files came or went).
 pub struct Dir {
     root: PathBuf,
     size: u64,
     chunk: u64,
     open: Mutex<LruCache<u64, Arc<File>>>,
+    /// Held shared while a chunk file is opened and cached, exclusively
+    /// while one is uncached and deleted: otherwise an open that raced a
+    /// delete could cache the deleted file, and later writes to the chunk
+    /// would land in it and be lost when it is evicted.
+    gates: Box<[RwLock<()>]>,
     /// Chunks written since the last flush; fsynced by the next one.
     dirty: Mutex<HashSet<u64>>,
     /// A chunk file was created or removed: the directory needs an fsync too.
@@ -29,16 +45,25 @@ pub struct Dir {
 }
 
 impl Dir {
+    /// Opens (creating it if needed) the directory `root` as a region of
+    /// `size` bytes in chunks of `chunk` bytes, keeping at most `max_open`
+    /// chunk files open.
+    ///
+    /// The chunk size is recorded in the directory on first use: reopening
+    /// with another one is refused, since every chunk file would be read at
+    /// the wrong offset.
     pub fn open(root: &Path, size: u64, chunk: u64, max_open: usize) -> Result<Self> {
         if chunk == 0 {
             return Err(Error::Config("chunk size must be positive".into()));
         }
         std::fs::create_dir_all(root)?;
+        check_chunk_size(root, chunk)?;
         Ok(Dir {
             root: root.to_path_buf(),
             size,
             chunk,
             open: Mutex::new(LruCache::new(NonZeroUsize::new(max_open.max(1)).unwrap())),
+            gates: (0..GATES).map(|_| RwLock::new(())).collect(),
             dirty: Mutex::new(HashSet::new()),
             dir_dirty: Default::default(),
         })
@@ -54,6 +79,7 @@ impl Dir {
         if let Some(f) = self.open.lock().unwrap().get(&idx) {
             return Ok(Some(f.clone()));
         }
+        let _gate = self.gate(idx).read().unwrap();
         let path = self.path(idx);
         let file = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => f,
@@ -76,8 +102,44 @@ impl Dir {
         Ok(Some(file))
     }
 
+    fn gate(&self, idx: u64) -> &RwLock<()> {
+        &self.gates[idx as usize % GATES]
+    }
+
     fn chunk_len(&self, idx: u64) -> u64 {
         (self.size - idx * self.chunk).min(self.chunk)
+    }
+}
+
+/// Name of the file in the directory that records the chunk size.
+pub const CHUNK_SIZE_FILE: &str = "chunk-size";
+
+/// Records `chunk` in `root` on first use; refuses a different one later.
+fn check_chunk_size(root: &Path, chunk: u64) -> Result<()> {
+    let path = root.join(CHUNK_SIZE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => match s.trim().parse::<u64>() {
+            Ok(c) if c == chunk => Ok(()),
+            Ok(c) => Err(Error::Config(format!(
+                "{} holds chunks of {c} bytes, not {chunk}; open it with --chunk-size {c}",
+                root.display()
+            ))),
+            Err(_) => Err(Error::Config(format!(
+                "{} does not hold a chunk size: {s:?}",
+                path.display()
+            ))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Written aside and renamed, so a crash never leaves a torn one.
+            let tmp = root.join(format!("{CHUNK_SIZE_FILE}.tmp"));
+            let mut f = File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, format!("{chunk}\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            File::open(root)?.sync_all()?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -161,6 +223,7 @@ impl Backend for Dir {
         check_range(offset, len, self.size)?;
         for (idx, within, _, n) in chunk_spans(offset, len, self.chunk) {
             if n == self.chunk_len(idx) {
+                let _gate = self.gate(idx).write().unwrap();
                 self.open.lock().unwrap().pop(&idx);
                 match std::fs::remove_file(self.path(idx)) {
                     Ok(()) => self
@@ -171,14 +234,7 @@ impl Backend for Dir {
                 }
                 self.dirty.lock().unwrap().remove(&idx);
             } else if let Some(file) = self.file(idx, false)? {
-                use std::os::fd::AsRawFd;
-                fallocate(
-                    file.as_raw_fd(),
-                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                    within as i64,
-                    n as i64,
-                )
-                .map_err(|e| Error::Io(e.into()))?;
+                punch_hole(&file, within, n)?;
                 self.dirty.lock().unwrap().insert(idx);
             }
         }

@@ -7,10 +7,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 
 use super::{check_range, Backend, Error, Result};
 
+/// A region stored in one file of exactly `size` bytes, at the same
+/// offsets. Reads and writes are positional (no seek, no lock), so
+/// concurrent requests never contend; flush is fdatasync; trim punches holes
+/// so a trimmed range frees its blocks and reads as zeros.
 pub struct FileBackend {
     file: Arc<File>,
     size: u64,
@@ -88,13 +93,38 @@ impl Backend for FileBackend {
         if len == 0 {
             return Ok(());
         }
-        fallocate(
-            std::os::fd::AsRawFd::as_raw_fd(&*self.file),
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            offset as i64,
-            len as i64,
-        )
-        .map_err(|e| Error::Io(e.into()))?;
-        Ok(())
+        punch_hole(&self.file, offset, len)
     }
+}
+
+/// Makes `len` bytes at `offset` of `file` read as zeros, freeing their
+/// blocks. Where the filesystem cannot punch holes, writes zeros instead:
+/// a trim must read back as zeros either way.
+pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> Result<()> {
+    let res = fallocate(
+        std::os::fd::AsRawFd::as_raw_fd(file),
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    );
+    match res {
+        Ok(()) => Ok(()),
+        Err(Errno::EOPNOTSUPP | Errno::ENOSYS) => write_zeros(file, offset, len),
+        Err(e) => Err(Error::Io(e.into())),
+    }
+}
+
+/// Writes zeros over a range, never past the file's end (a short chunk
+/// file already reads as zeros there).
+fn write_zeros(file: &File, offset: u64, len: u64) -> Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let end = (offset + len).min(file.metadata()?.len());
+    let zeros = vec![0u8; PIECE.min(len) as usize];
+    let mut pos = offset;
+    while pos < end {
+        let n = PIECE.min(end - pos);
+        file.write_all_at(&zeros[..n as usize], pos)?;
+        pos += n;
+    }
+    Ok(())
 }

@@ -7,6 +7,9 @@ use async_trait::async_trait;
 
 use super::{check_range, chunk_spans, Backend, Result};
 
+/// A region held in RAM: a chunk is allocated on its first write and
+/// freed when a trim covers it whole, so an unwritten region costs nothing.
+/// Nothing survives the process.
 pub struct Memory {
     size: u64,
     chunk: u64,
@@ -14,6 +17,10 @@ pub struct Memory {
 }
 
 impl Memory {
+    /// An all-zero region of `size` bytes, allocated `chunk` bytes at a time.
+    ///
+    /// # Panics
+    /// If `chunk` is zero.
     pub fn new(size: u64, chunk: u64) -> Self {
         assert!(chunk > 0, "chunk size must be positive");
         let n = size.div_ceil(chunk) as usize;

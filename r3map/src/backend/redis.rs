@@ -8,6 +8,14 @@ use redis::aio::MultiplexedConnection;
 
 use super::{check_range, chunk_spans, Backend, Error, Result};
 
+/// A region stored in Redis as one string key per chunk, `{prefix}:{index}`.
+///
+/// Keys are created by the first write into their chunk and only as long as
+/// the furthest byte written; a missing key, or bytes past a key's end, read
+/// as zeros. A trim that covers a whole chunk deletes its key. Backends on
+/// the same server, database and prefix share the region; the prefix also
+/// records the chunk size (`{prefix}:chunk-size`), and a backend opened with
+/// another chunk size is refused.
 pub struct Redis {
     conn: MultiplexedConnection,
     prefix: String,
@@ -16,7 +24,9 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Connects to `url` (a plain redis:// URL without our `prefix` parameter).
+    /// Connects to `url` (a plain redis:// URL without our `prefix` parameter)
+    /// and serves the keys under `prefix` as a region of `size` bytes in
+    /// chunks of `chunk` bytes.
     pub async fn connect(url: &str, prefix: &str, size: u64, chunk: u64) -> Result<Self> {
         if chunk == 0 || chunk > 512 << 20 {
             return Err(Error::Config(
@@ -24,7 +34,25 @@ impl Redis {
             ));
         }
         let client = redis::Client::open(url)?;
-        let conn = client.get_multiplexed_async_connection().await?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        // First opener records the chunk size; a later one with another
+        // size would read every key at the wrong offsets.
+        let key = format!("{prefix}:chunk-size");
+        let (stored,): (u64,) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(chunk)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await?;
+        if stored != chunk {
+            return Err(Error::Config(format!(
+                "redis prefix {prefix:?} holds chunks of {stored} bytes, not {chunk}"
+            )));
+        }
         Ok(Redis {
             conn,
             prefix: prefix.to_string(),
