@@ -300,6 +300,8 @@ fn fio_verify(uri: &str, size: u64, bs_args: &[&str]) {
             "--verify=crc32c",
             "--do_verify=1",
             "--output-format=json",
+            // No verify-state file left in the working directory.
+            "--verify_state_save=0",
         ])
         .arg(format!("--uri={uri}"))
         .arg(format!("--size={size}"))

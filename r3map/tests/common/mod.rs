@@ -14,7 +14,11 @@ pub fn r3map_bin() -> &'static str {
 
 /// A free loopback TCP port (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Fails the test with a clear message when a required tool is missing:
@@ -27,7 +31,10 @@ pub fn require(tool: &str) {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(ok, "{tool} is not installed: run `bash .ci/install-deps` (as root)");
+    assert!(
+        ok,
+        "{tool} is not installed: run `bash .ci/install-deps` (as root)"
+    );
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) when dropped.
@@ -92,7 +99,32 @@ pub fn serve(addr: &Addr, args: &[&str]) -> Proc {
     };
     cmd.env("R3MAP_LOG", "warn").stdout(Stdio::null());
     let child = cmd.spawn().expect("spawn r3map serve");
-    let mut p = Proc { child, name: "r3map serve".into() };
+    let mut p = Proc {
+        child,
+        name: "r3map serve".into(),
+    };
+    wait_ready(&mut p, addr);
+    p
+}
+
+/// Like [`serve`], with the server's stderr (logs at `warn`) written to
+/// `log`, so a test can look for panics afterwards.
+pub fn serve_logged(addr: &Addr, args: &[&str], log: &Path) -> Proc {
+    let mut cmd = Command::new(r3map_bin());
+    cmd.arg("serve").args(args);
+    match addr {
+        Addr::Unix(p) => cmd.arg("--socket").arg(p),
+        Addr::Tcp(port) => cmd.arg("--listen").arg(format!("127.0.0.1:{port}")),
+    };
+    let err = std::fs::File::create(log).expect("create server log");
+    cmd.env("R3MAP_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(err);
+    let child = cmd.spawn().expect("spawn r3map serve");
+    let mut p = Proc {
+        child,
+        name: "r3map serve".into(),
+    };
     wait_ready(&mut p, addr);
     p
 }
@@ -110,7 +142,11 @@ fn wait_ready(p: &mut Proc, addr: &Addr) {
         if up {
             return;
         }
-        assert!(Instant::now() < deadline, "{} did not start listening", p.name);
+        assert!(
+            Instant::now() < deadline,
+            "{} did not start listening",
+            p.name
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -128,20 +164,39 @@ impl RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
-        let mut proc = Proc { child, name: "redis-server".into() };
+        let mut proc = Proc {
+            child,
+            name: "redis-server".into(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(proc.child.try_wait().unwrap().is_none(), "redis-server exited early");
+            assert!(
+                proc.child.try_wait().unwrap().is_none(),
+                "redis-server exited early"
+            );
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        RedisServer { proc, port, _dir: dir }
+        RedisServer {
+            proc,
+            port,
+            _dir: dir,
+        }
     }
 
     pub fn url(&self, db: u32) -> String {
@@ -151,7 +206,9 @@ impl RedisServer {
 
 /// Runs a command, failing the test with its output if it fails.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
