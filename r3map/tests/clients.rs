@@ -409,11 +409,17 @@ fn fd_transport_serves_an_inherited_socket() {
     ])
     .env("R3MAP_LOG", "warn")
     .stdout(Stdio::null());
-    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork
+    // SAFETY: dup2/fcntl are async-signal-safe; they run in the child between fork
     // and exec, and leaves fd 3 without CLOEXEC so the server inherits it.
     unsafe {
         cmd.pre_exec(move || {
-            nix::unistd::dup2(fd, 3).map_err(std::io::Error::from)?;
+            if fd == 3 {
+                // dup2 onto itself keeps CLOEXEC: clear it by hand.
+                use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+                fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
+            } else {
+                nix::unistd::dup2(fd, 3).map_err(std::io::Error::from)?;
+            }
             Ok(())
         });
     }
