@@ -46,7 +46,16 @@ else
 fi
 [ -f "$deb" ] || die "no linux-image-6.1.*-amd64 package"
 
-kdir=$cache/kernel/$(basename "$deb" .deb)
+kname=$(basename "$deb" .deb)
+kdir=$cache/kernel/$kname
+# A new kernel package (Debian bumps the ABI) replaces everything built from
+# the old one; the old unpacked tree and .deb go too (~500 MB each).
+if [ "$(cat "$out/kernel" 2>/dev/null)" != "$kname" ]; then
+  rm -f "$out/vmlinuz" "$out/vmlinux" "$out/initramfs.gz"
+  find "$cache/kernel" -mindepth 1 -maxdepth 1 ! -name "$kname" -exec rm -rf {} + 2>/dev/null || true
+  find "$cache/debs" -name '*.deb' ! -name "$kname.deb" -delete
+  echo "$kname" >"$out/kernel"
+fi
 if [ ! -f "$kdir/.done" ]; then
   rm -rf "$kdir"; mkdir -p "$kdir"
   dpkg -x "$deb" "$kdir"
@@ -68,7 +77,7 @@ moddeps() {
 
 # --- the kernel images ------------------------------------------------------
 vmlinuz=$kdir/boot/vmlinuz-$kver
-if [ ! -f "$out/vmlinuz" ] || [ "$vmlinuz" -nt "$out/vmlinuz" ]; then
+if [ ! -f "$out/vmlinuz" ]; then
   cp "$vmlinuz" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
   rm -f "$out/vmlinux"
 fi
