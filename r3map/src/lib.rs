@@ -4,9 +4,11 @@
 //! Kubernetes: backends ([`backend`]), the NBD server ([`nbd`]) and the
 //! helpers the CLI and the CSI node plugin share ([`size`]).
 
+pub mod auth;
 pub mod backend;
 pub mod nbd;
 pub mod relay;
+pub mod remote;
 pub mod size;
 
 pub use backend::{Backend, Error, Result};

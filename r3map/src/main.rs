@@ -28,6 +28,8 @@ enum Cmd {
     Serve(ServeArgs),
     /// Relay TCP connections to a target, adding a round-trip time (latency injection for tests and bench).
     Relay(RelayArgs),
+    /// Serve a store of regions over gRPC (for r3map://HOST:PORT/REGION backends) until SIGINT/SIGTERM.
+    Backend(r3map::remote::cli::BackendArgs),
 }
 
 #[derive(Args)]
@@ -97,6 +99,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Serve(a) => serve(a).await,
             Cmd::Relay(a) => relay(a).await,
+            Cmd::Backend(a) => r3map::remote::cli::run(a).await,
         }
     });
     match res {

@@ -1,4 +1,5 @@
-//! Backend URIs: `memory:`, `file:PATH`, `dir:PATH`, `redis://HOST:PORT/DB?prefix=NAME`.
+//! Backend URIs: `memory:`, `file:PATH`, `dir:PATH`, `redis://HOST:PORT/DB?prefix=NAME`,
+//! `r3map://HOST:PORT/REGION?...` (a region of `r3map backend`, see [`crate::remote`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -52,15 +53,20 @@ pub async fn open(uri: &str, size: u64, chunk: u64) -> Result<Arc<dyn Backend>> 
             redis::Redis::connect(&url, &prefix, size, chunk).await?,
         ));
     }
+    if uri.starts_with("r3map://") {
+        return Ok(Arc::new(
+            crate::remote::RemoteBackend::open_uri(uri, size).await?,
+        ));
+    }
     Err(invalid(
         uri,
-        "expected memory:, file:PATH, dir:PATH or redis://HOST:PORT/DB?prefix=NAME",
+        "expected memory:, file:PATH, dir:PATH, redis://HOST:PORT/DB?prefix=NAME or r3map://HOST:PORT/REGION",
     ))
 }
 
 /// Takes our `prefix=` query parameter out of a redis URL; the rest goes
 /// to the redis client unchanged.
-fn split_prefix(uri: &str) -> Result<(String, String)> {
+pub(crate) fn split_prefix(uri: &str) -> Result<(String, String)> {
     let Some((base, query)) = uri.split_once('?') else {
         return Ok((uri.to_string(), "r3map".to_string()));
     };

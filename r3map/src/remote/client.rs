@@ -1,0 +1,470 @@
+//! The client side: [`Client`] manages regions, and [`RemoteBackend`] is a
+//! [`Backend`] over one region, reached by a URI
+//! `r3map://HOST:PORT/REGION?token-file=PATH&ca=PATH&cert=PATH&key=PATH`.
+//!
+//! All calls of one client share one HTTP/2 connection, which multiplexes
+//! them: concurrent NBD requests become concurrent streams.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use super::pb::region_store_client::RegionStoreClient;
+use super::pb::*;
+use crate::auth::{AuthError, ClientAuth, ClientTls, Token};
+use crate::backend::{check_range, Backend, Error, Result};
+
+pub type Grpc = RegionStoreClient<InterceptedService<Channel, ClientAuth>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("cannot connect to {to}: {source}")]
+    Connect {
+        to: String,
+        source: tonic::transport::Error,
+    },
+    /// Boxed: a Status is large, and this error is returned often.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(Box<Status>),
+}
+
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        ClientError::Status(Box::new(s))
+    }
+}
+
+impl ClientError {
+    /// The gRPC status code when the server answered with an error.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+/// How to reach a region server.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// HOST:PORT (an IPv6 host in brackets).
+    pub addr: String,
+    pub token_file: Option<PathBuf>,
+    /// TLS, needed for a host that is not loopback.
+    pub tls: Option<ClientTls>,
+}
+
+impl ConnectOptions {
+    pub fn plain(addr: impl Into<String>) -> Self {
+        ConnectOptions {
+            addr: addr.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The host part of `addr`, without IPv6 brackets.
+    fn host(&self) -> Result<&str, ClientError> {
+        let (host, port) = self
+            .addr
+            .rsplit_once(':')
+            .ok_or_else(|| ClientError::Config(format!("{:?} is not HOST:PORT", self.addr)))?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(ClientError::Config(format!(
+                "{:?} is not HOST:PORT",
+                self.addr
+            )));
+        }
+        Ok(host.trim_start_matches('[').trim_end_matches(']'))
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A parsed `r3map://HOST:PORT/REGION?...` URI.
+#[derive(Debug, Clone)]
+pub struct RemoteUri {
+    pub opts: ConnectOptions,
+    pub region: String,
+}
+
+impl RemoteUri {
+    /// Parameters: `token-file`, `ca` (turns TLS on), `cert` and `key` (a
+    /// client certificate for mutual TLS), `tls-name` (the name the server
+    /// certificate carries, when not the host). Paths are taken literally.
+    pub fn parse(uri: &str) -> Result<RemoteUri, ClientError> {
+        let bad = |why: &str| ClientError::Config(format!("invalid backend {uri:?}: {why}"));
+        let rest = uri
+            .strip_prefix("r3map://")
+            .ok_or_else(|| bad("expected r3map://HOST:PORT/REGION"))?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (addr, region) = path
+            .split_once('/')
+            .ok_or_else(|| bad("no region: expected r3map://HOST:PORT/REGION"))?;
+        super::check_id(region).map_err(|e| bad(&e.to_string()))?;
+        let (mut token_file, mut ca, mut cert, mut key, mut name) = (None, None, None, None, None);
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad("parameters are KEY=VALUE"))?;
+            if v.is_empty() {
+                return Err(bad(&format!("{k} is empty")));
+            }
+            let slot = match k {
+                "token-file" => &mut token_file,
+                "ca" => &mut ca,
+                "cert" => &mut cert,
+                "key" => &mut key,
+                "tls-name" => &mut name,
+                _ => return Err(bad(&format!("unknown parameter {k:?}"))),
+            };
+            *slot = Some(v.to_string());
+        }
+        let tls = match ca {
+            Some(ca) => Some(ClientTls {
+                ca: ca.into(),
+                cert: cert.map(Into::into),
+                key: key.map(Into::into),
+                server_name: name,
+            }),
+            None if cert.is_some() || key.is_some() || name.is_some() => {
+                return Err(bad("cert, key and tls-name need ca (TLS)"))
+            }
+            None => None,
+        };
+        let opts = ConnectOptions {
+            addr: addr.to_string(),
+            token_file: token_file.map(Into::into),
+            tls,
+        };
+        let host = opts.host().map_err(|e| bad(&e.to_string()))?;
+        if opts.tls.is_none() && !is_loopback(host) {
+            return Err(bad(
+                "plain HTTP/2 is only for loopback: give ca=PATH for TLS to another host",
+            ));
+        }
+        Ok(RemoteUri {
+            opts,
+            region: region.to_string(),
+        })
+    }
+}
+
+/// A connection to a region server.
+#[derive(Clone)]
+pub struct Client {
+    grpc: Grpc,
+    limits: Limits,
+}
+
+impl Client {
+    /// Connects (TLS handshake included) and asks for the server's limits,
+    /// so a wrong token or certificate fails here.
+    pub async fn connect(opts: &ConnectOptions) -> Result<Client, ClientError> {
+        let host = opts.host()?;
+        if opts.tls.is_none() && !is_loopback(host) {
+            return Err(ClientError::Config(format!(
+                "refusing plain HTTP/2 to {}: not loopback; use TLS",
+                opts.addr
+            )));
+        }
+        let token = opts
+            .token_file
+            .as_deref()
+            .map(Token::from_file)
+            .transpose()?;
+        let scheme = if opts.tls.is_some() { "https" } else { "http" };
+        // Large windows keep a streamed read moving without waiting for
+        // window updates; keepalives notice a server that vanished.
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{}", opts.addr))
+            .map_err(|e| ClientError::Config(format!("{}: {e}", opts.addr)))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(64 << 20);
+        if let Some(tls) = &opts.tls {
+            ep = ep
+                .tls_config(tls.config(host)?)
+                .map_err(|source| ClientError::Connect {
+                    to: opts.addr.clone(),
+                    source,
+                })?;
+        }
+        let ch = ep.connect().await.map_err(|source| ClientError::Connect {
+            to: opts.addr.clone(),
+            source,
+        })?;
+        let mut grpc = RegionStoreClient::with_interceptor(ch, ClientAuth::new(token.as_ref()))
+            .max_decoding_message_size(64 << 20);
+        let limits = grpc.get_limits(GetLimitsRequest {}).await?.into_inner();
+        if limits.max_request == 0 {
+            return Err(ClientError::Config("server reports max_request 0".into()));
+        }
+        Ok(Client { grpc, limits })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The generated client, for calls this wrapper does not offer.
+    pub fn grpc(&self) -> Grpc {
+        self.grpc.clone()
+    }
+
+    pub async fn create_region(&self, id: Option<&str>, size: u64) -> Result<Region, Status> {
+        let req = CreateRegionRequest {
+            size,
+            id: id.map(str::to_string),
+        };
+        Ok(self.grpc().create_region(req).await?.into_inner())
+    }
+
+    pub async fn get_region(&self, id: &str) -> Result<Region, Status> {
+        let req = GetRegionRequest { id: id.into() };
+        Ok(self.grpc().get_region(req).await?.into_inner())
+    }
+
+    pub async fn list_regions(&self) -> Result<Vec<Region>, Status> {
+        let r = self.grpc().list_regions(ListRegionsRequest {}).await?;
+        Ok(r.into_inner().regions)
+    }
+
+    pub async fn resize_region(&self, id: &str, size: u64) -> Result<Region, Status> {
+        let req = ResizeRegionRequest {
+            id: id.into(),
+            size,
+        };
+        Ok(self.grpc().resize_region(req).await?.into_inner())
+    }
+
+    pub async fn delete_region(&self, id: &str) -> Result<(), Status> {
+        let req = DeleteRegionRequest { id: id.into() };
+        self.grpc().delete_region(req).await?;
+        Ok(())
+    }
+
+    /// A backend over an existing region, at its current size.
+    pub async fn backend(&self, id: &str) -> Result<RemoteBackend, Status> {
+        let r = self.get_region(id).await?;
+        Ok(RemoteBackend {
+            grpc: self.grpc(),
+            region: r.id,
+            size: r.size,
+            max_request: self.limits.max_request,
+        })
+    }
+}
+
+/// A [`Backend`] over one region of a region server. Its size is the
+/// region's when opened; a later resize needs a new `RemoteBackend`.
+pub struct RemoteBackend {
+    grpc: Grpc,
+    region: String,
+    size: u64,
+    max_request: u64,
+}
+
+impl RemoteBackend {
+    /// Opens the region named by an `r3map://` URI, creating it with `size`
+    /// bytes if it does not exist. A region of another size is refused;
+    /// `size` 0 takes the region as it is.
+    pub async fn open_uri(uri: &str, size: u64) -> Result<RemoteBackend> {
+        let u = RemoteUri::parse(uri).map_err(|e| Error::InvalidUri {
+            uri: uri.to_string(),
+            reason: e.to_string(),
+        })?;
+        let c = Client::connect(&u.opts)
+            .await
+            .map_err(|e| Error::Config(format!("{}: {e}", u.opts.addr)))?;
+        if size > 0 {
+            c.create_region(Some(&u.region), size).await.map_err(|s| {
+                if s.code() == Code::AlreadyExists {
+                    Error::Config(format!("{}: {}", u.region, s.message()))
+                } else {
+                    status_error(s)
+                }
+            })?;
+        }
+        c.backend(&u.region).await.map_err(status_error)
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    async fn read_call(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let req = ReadRequest {
+            region: self.region.clone(),
+            offset,
+            length: buf.len() as u64,
+        };
+        let mut stream = self
+            .grpc
+            .clone()
+            .read(req)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let mut pos = 0usize;
+        while let Some(piece) = stream.message().await.map_err(status_error)? {
+            // Pieces come in order and tile the range exactly; anything
+            // else is a broken server, not data to trust.
+            let n = piece.data.len();
+            if piece.offset != offset + pos as u64 || n > buf.len() - pos {
+                return Err(protocol_error(format!(
+                    "read piece {}+{n} does not follow {} in {offset}+{}",
+                    piece.offset,
+                    offset + pos as u64,
+                    buf.len()
+                )));
+            }
+            buf[pos..pos + n].copy_from_slice(&piece.data);
+            pos += n;
+        }
+        if pos != buf.len() {
+            return Err(protocol_error(format!(
+                "short read: {pos} of {} bytes at {offset}",
+                buf.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What a failed call means to the NBD client: out of range stays out of
+/// range; ENOSPC stays ENOSPC; everything else is an I/O error.
+fn status_error(s: Status) -> Error {
+    match s.code() {
+        Code::ResourceExhausted => Error::Io(std::io::Error::from_raw_os_error(
+            nix::errno::Errno::ENOSPC as i32,
+        )),
+        _ => Error::Io(std::io::Error::other(format!(
+            "remote: {}: {}",
+            s.code(),
+            s.message()
+        ))),
+    }
+}
+
+fn protocol_error(msg: String) -> Error {
+    Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, msg))
+}
+
+#[async_trait]
+impl Backend for RemoteBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        let step = self.max_request as usize;
+        let mut pos = 0;
+        // A range over the server's limit becomes several calls.
+        for part in buf.chunks_mut(step) {
+            let n = part.len();
+            self.read_call(offset + pos as u64, part).await?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        check_range(offset, data.len() as u64, self.size)?;
+        let mut pos = 0;
+        for part in data.chunks(self.max_request as usize) {
+            let req = WriteRequest {
+                region: self.region.clone(),
+                offset: offset + pos as u64,
+                data: part.to_vec(),
+            };
+            self.grpc.clone().write(req).await.map_err(status_error)?;
+            pos += part.len();
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let req = FlushRequest {
+            region: self.region.clone(),
+        };
+        self.grpc.clone().flush(req).await.map_err(status_error)?;
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.size)?;
+        let req = RangeRequest {
+            region: self.region.clone(),
+            offset,
+            length: len,
+        };
+        self.grpc.clone().trim(req).await.map_err(status_error)?;
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.size)?;
+        let req = RangeRequest {
+            region: self.region.clone(),
+            offset,
+            length: len,
+        };
+        self.grpc
+            .clone()
+            .write_zeroes(req)
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
+    /// The server flushes the whole region, whoever wrote it.
+    fn flush_is_global(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        let u = RemoteUri::parse("r3map://127.0.0.1:7000/vol1?token-file=/t").unwrap();
+        assert_eq!(u.region, "vol1");
+        assert_eq!(u.opts.addr, "127.0.0.1:7000");
+        assert_eq!(u.opts.token_file.as_deref(), Some("/t".as_ref()));
+        assert!(u.opts.tls.is_none());
+        let u = RemoteUri::parse("r3map://[::1]:7000/v").unwrap();
+        assert_eq!(u.opts.host().unwrap(), "::1");
+        let u = RemoteUri::parse("r3map://store.example:7000/v?ca=/ca&cert=/c&key=/k&tls-name=s")
+            .unwrap();
+        let tls = u.opts.tls.unwrap();
+        assert_eq!(tls.server_name.as_deref(), Some("s"));
+        assert_eq!(tls.cert.as_deref(), Some("/c".as_ref()));
+        for bad in [
+            "r3map://store.example:7000/v",     // plain to another host
+            "r3map://127.0.0.1:7000",           // no region
+            "r3map://127.0.0.1:7000/a/b",       // bad region id
+            "r3map://127.0.0.1/v",              // no port
+            "r3map://127.0.0.1:7000/v?x=1",     // unknown parameter
+            "r3map://127.0.0.1:7000/v?cert=/c", // cert without ca
+            "r3map://127.0.0.1:7000/v?ca=",     // empty value
+        ] {
+            assert!(RemoteUri::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

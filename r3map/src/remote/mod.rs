@@ -1,0 +1,125 @@
+//! Remote regions: one `r3map backend` process holds many named regions,
+//! each a [`crate::Backend`] on its store, and serves them over gRPC
+//! (`r3map.remote.v1.RegionStore`, see proto/remote.proto). On the other
+//! side, [`client::RemoteBackend`] is a [`crate::Backend`] over one region,
+//! so any mount can sit on storage that lives on another host.
+
+pub mod cli;
+pub mod client;
+pub mod service;
+pub mod store;
+
+/// Generated from proto/remote.proto.
+pub mod pb {
+    tonic::include_proto!("r3map.remote.v1");
+}
+
+pub use client::{Client, RemoteBackend, RemoteUri};
+pub use service::RegionService;
+pub use store::Store;
+
+/// Largest read or write payload of one call unless configured.
+pub const DEFAULT_MAX_REQUEST: u64 = 32 << 20;
+
+/// Largest piece of a streamed read: big ranges flow in pieces, so neither
+/// side holds a whole 32 MiB message and the first bytes leave early.
+pub const READ_PIECE: u64 = 1 << 20;
+
+/// Longest region id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Errors of the region service. Converted to a gRPC status in one place,
+/// the `From` impl below, which also maps every backend error.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("no region {0:?}")]
+    NotFound(String),
+    #[error("region {id:?} already exists with {size} bytes")]
+    AlreadyExists { id: String, size: u64 },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::Error),
+}
+
+impl From<RemoteError> for tonic::Status {
+    fn from(e: RemoteError) -> Self {
+        use crate::backend::Error as B;
+        use tonic::Status;
+        let msg = e.to_string();
+        match e {
+            RemoteError::NotFound(_) => Status::not_found(msg),
+            RemoteError::AlreadyExists { .. } => Status::already_exists(msg),
+            RemoteError::InvalidArgument(_) => Status::invalid_argument(msg),
+            RemoteError::Backend(b) => match b {
+                B::OutOfRange { .. } => Status::out_of_range(msg),
+                B::InvalidUri { .. } | B::Config(_) => Status::failed_precondition(msg),
+                B::Io(io) if io.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) => {
+                    Status::resource_exhausted(msg)
+                }
+                B::Io(_) => Status::internal(msg),
+                B::Redis(_) => Status::unavailable(msg),
+            },
+        }
+    }
+}
+
+/// Region ids name directories and redis keys: letters, digits, `.`, `_`
+/// and `-`, not starting with `.`, at most [`MAX_ID_LEN`] characters.
+pub fn check_id(id: &str) -> Result<(), RemoteError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RemoteError::InvalidArgument(format!(
+            "invalid region id {id:?}: use 1 to {MAX_ID_LEN} of A-Z a-z 0-9 . _ -, not starting with ."
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for ok in ["vol1", "pvc-0a1b", "a.b_c-d", "X"] {
+            assert!(check_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a:b",
+            "a*",
+            "é",
+            &"x".repeat(129),
+        ] {
+            assert!(check_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn statuses() {
+        use tonic::{Code, Status};
+        let s: Status = RemoteError::NotFound("x".into()).into();
+        assert_eq!(s.code(), Code::NotFound);
+        let s: Status = RemoteError::Backend(crate::backend::Error::OutOfRange {
+            offset: 1,
+            len: 2,
+            size: 2,
+        })
+        .into();
+        assert_eq!(s.code(), Code::OutOfRange);
+        let enospc = std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32);
+        let s: Status = RemoteError::Backend(enospc.into()).into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+    }
+}

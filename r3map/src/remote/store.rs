@@ -1,0 +1,298 @@
+//! Where the regions of `r3map backend` live, and how each is recorded so
+//! that a restarted server lists them again:
+//!
+//! - `memory:` — in RAM; nothing is recorded, nothing survives.
+//! - `dir:PATH` — region `ID` is the chunk directory `PATH/ID`; its size is
+//!   in `PATH/ID/r3map-region`, written last on create (and removed first on
+//!   delete), so a directory without it is a leftover and never listed.
+//! - `redis://HOST:PORT/DB?prefix=P` — region `ID` is the key prefix `P:ID`,
+//!   its size is in `P:ID:size`, and the ids are in the set `P:regions`
+//!   (added last on create, removed first on delete).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redis::aio::MultiplexedConnection;
+
+use crate::backend::{dir, memory, redis as redis_backend, uri, Backend, Error, Result};
+
+/// Name of the metadata file in a region's directory.
+pub const META_FILE: &str = "r3map-region";
+
+/// Open chunk files kept per region: one server holds many regions, so
+/// fewer than a single-region mount.
+const OPEN_FILES_PER_REGION: usize = 64;
+
+pub enum Store {
+    Memory,
+    Dir(PathBuf),
+    Redis {
+        url: String,
+        prefix: String,
+        conn: MultiplexedConnection,
+    },
+}
+
+impl Store {
+    /// Opens the store named by `uri`: `memory:`, `dir:PATH` or
+    /// `redis://HOST:PORT/DB[?prefix=P]`.
+    pub async fn open(uri: &str) -> Result<Store> {
+        let invalid = |reason: &str| Error::InvalidUri {
+            uri: uri.to_string(),
+            reason: reason.to_string(),
+        };
+        if uri == "memory:" {
+            return Ok(Store::Memory);
+        }
+        if let Some(path) = uri.strip_prefix("dir:") {
+            if path.is_empty() {
+                return Err(invalid("dir: needs a path"));
+            }
+            std::fs::create_dir_all(path)?;
+            return Ok(Store::Dir(PathBuf::from(path)));
+        }
+        if uri.starts_with("redis://") {
+            let (url, prefix) = uri::split_prefix(uri)?;
+            let conn = redis::Client::open(url.as_str())?
+                .get_multiplexed_async_connection()
+                .await?;
+            return Ok(Store::Redis { url, prefix, conn });
+        }
+        Err(invalid(
+            "a region store is memory:, dir:PATH or redis://HOST:PORT/DB?prefix=NAME",
+        ))
+    }
+
+    /// The regions recorded in the store, as (id, size).
+    pub async fn load(&self) -> Result<Vec<(String, u64)>> {
+        match self {
+            Store::Memory => Ok(Vec::new()),
+            Store::Dir(root) => {
+                let mut out = Vec::new();
+                for e in std::fs::read_dir(root)? {
+                    let e = e?;
+                    let Some(id) = e.file_name().to_str().map(str::to_string) else {
+                        continue;
+                    };
+                    if super::check_id(&id).is_err() || !e.file_type()?.is_dir() {
+                        continue;
+                    }
+                    if let Some(size) = read_meta(&e.path())? {
+                        out.push((id, size));
+                    }
+                }
+                out.sort();
+                Ok(out)
+            }
+            Store::Redis { prefix, conn, .. } => {
+                let mut conn = conn.clone();
+                let ids: Vec<String> = redis::cmd("SMEMBERS")
+                    .arg(format!("{prefix}:regions"))
+                    .query_async(&mut conn)
+                    .await?;
+                let mut out = Vec::new();
+                for id in ids {
+                    let size: Option<u64> = redis::cmd("GET")
+                        .arg(size_key(prefix, &id))
+                        .query_async(&mut conn)
+                        .await?;
+                    if let Some(size) = size {
+                        out.push((id, size));
+                    }
+                }
+                out.sort();
+                Ok(out)
+            }
+        }
+    }
+
+    /// Records a new region, first wiping whatever a half-done delete left
+    /// under its name, so the region starts all zeros.
+    pub async fn create(&self, id: &str, size: u64) -> Result<()> {
+        match self {
+            Store::Memory => Ok(()),
+            Store::Dir(root) => {
+                let dir = root.join(id);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+                std::fs::create_dir(&dir)?;
+                write_meta(&dir, size)
+            }
+            Store::Redis { prefix, conn, .. } => {
+                let mut conn = conn.clone();
+                del_region_keys(&mut conn, prefix, id).await?;
+                let () = redis::pipe()
+                    .cmd("SET")
+                    .arg(size_key(prefix, id))
+                    .arg(size)
+                    .ignore()
+                    .cmd("SADD")
+                    .arg(format!("{prefix}:regions"))
+                    .arg(id)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Records a new size of an existing region.
+    pub async fn set_size(&self, id: &str, size: u64) -> Result<()> {
+        match self {
+            Store::Memory => Ok(()),
+            Store::Dir(root) => write_meta(&root.join(id), size),
+            Store::Redis { prefix, conn, .. } => {
+                let () = redis::cmd("SET")
+                    .arg(size_key(prefix, id))
+                    .arg(size)
+                    .query_async(&mut conn.clone())
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets a region and deletes its data.
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        match self {
+            Store::Memory => Ok(()),
+            Store::Dir(root) => {
+                let dir = root.join(id);
+                // The metadata goes first: from then on the region is gone
+                // even if removing the chunks is cut short.
+                std::fs::remove_file(dir.join(META_FILE))?;
+                std::fs::File::open(&dir)?.sync_all()?;
+                std::fs::remove_dir_all(&dir)?;
+                Ok(())
+            }
+            Store::Redis { prefix, conn, .. } => {
+                let mut conn = conn.clone();
+                let () = redis::cmd("SREM")
+                    .arg(format!("{prefix}:regions"))
+                    .arg(id)
+                    .query_async(&mut conn)
+                    .await?;
+                del_region_keys(&mut conn, prefix, id).await
+            }
+        }
+    }
+
+    /// Opens the backend of a recorded region. `memory:` has nothing to
+    /// reopen: the service keeps (and on resize, copies) its regions.
+    pub async fn open_region(&self, id: &str, size: u64, chunk: u64) -> Result<Arc<dyn Backend>> {
+        match self {
+            Store::Memory => Ok(Arc::new(memory::Memory::new(size, chunk))),
+            Store::Dir(root) => Ok(Arc::new(dir::Dir::open(
+                &root.join(id),
+                size,
+                chunk,
+                OPEN_FILES_PER_REGION,
+            )?)),
+            Store::Redis { url, prefix, .. } => Ok(Arc::new(
+                redis_backend::Redis::connect(url, &format!("{prefix}:{id}"), size, chunk).await?,
+            )),
+        }
+    }
+
+    /// True when a region's bytes live only in its backend value, so a
+    /// resize must copy them into a new one.
+    pub fn is_memory(&self) -> bool {
+        matches!(self, Store::Memory)
+    }
+}
+
+fn size_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}:{id}:size")
+}
+
+/// Deletes every key of region `id` (chunks, chunk size, size).
+async fn del_region_keys(conn: &mut MultiplexedConnection, prefix: &str, id: &str) -> Result<()> {
+    // Ids hold no glob characters (check_id); the prefix might.
+    let pattern = format!("{}:{id}:*", glob_escape(prefix));
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let () = redis::cmd("DEL").arg(&keys).query_async(conn).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn read_meta(dir: &Path) -> Result<Option<u64>> {
+    let path = dir.join(META_FILE);
+    let s = match std::fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("size "))
+        .and_then(|v| v.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| Error::Config(format!("{}: no size in {s:?}", path.display())))
+}
+
+/// Written aside and renamed, so a crash leaves the old size or the new.
+fn write_meta(dir: &Path, size: u64) -> Result<()> {
+    let tmp = dir.join(format!("{META_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, format!("size {size}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(META_FILE))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob() {
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[tokio::test]
+    async fn dir_records_regions() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("store");
+        let uri = format!("dir:{}", root.display());
+        let s = Store::open(&uri).await.unwrap();
+        s.create("a", 4096).await.unwrap();
+        s.create("b", 8192).await.unwrap();
+        std::fs::create_dir(root.join("leftover")).unwrap();
+        s.set_size("b", 100).await.unwrap();
+        assert_eq!(
+            s.load().await.unwrap(),
+            vec![("a".to_string(), 4096), ("b".to_string(), 100)]
+        );
+        s.delete("a").await.unwrap();
+        assert_eq!(s.load().await.unwrap(), vec![("b".to_string(), 100)]);
+    }
+}
