@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod managed;
 pub mod nbd;
 pub mod relay;
 pub mod remote;

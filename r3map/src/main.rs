@@ -30,6 +30,8 @@ enum Cmd {
     Relay(RelayArgs),
     /// Serve a store of regions over gRPC (for r3map://HOST:PORT/REGION backends) until SIGINT/SIGTERM.
     Backend(r3map::remote::cli::BackendArgs),
+    /// Serve a remote backend through a local cache: pull in the background, push written chunks.
+    Mount(r3map::managed::cli::MountArgs),
 }
 
 #[derive(Args)]
@@ -100,6 +102,7 @@ fn main() -> ExitCode {
             Cmd::Serve(a) => serve(a).await,
             Cmd::Relay(a) => relay(a).await,
             Cmd::Backend(a) => r3map::remote::cli::run(a).await,
+            Cmd::Mount(a) => r3map::managed::cli::run(a).await,
         }
     });
     match res {

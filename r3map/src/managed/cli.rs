@@ -1,0 +1,157 @@
+//! `r3map mount`: serve a remote backend through a managed local cache.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tracing::{debug, info, warn};
+
+use super::{
+    Durability, Managed, Options, DEFAULT_CHUNK_SIZE, DEFAULT_PULL_WORKERS, DEFAULT_PUSH_WORKERS,
+};
+use crate::backend;
+use crate::nbd::{server, Export, Server};
+
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("transport").required(true).args(["socket", "listen"]))]
+pub struct MountArgs {
+    /// Where the bytes live: any backend URI (memory:, file:PATH, dir:PATH, redis://...)
+    #[arg(long, value_name = "URI")]
+    pub remote: String,
+    /// Size of the region, e.g. 1GiB
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Local cache file (sparse, the size of the region); its chunk states
+    /// are kept in PATH.state, and counters in PATH.progress.json
+    #[arg(long, value_name = "PATH")]
+    pub cache: PathBuf,
+    /// Serve on a unix socket at this path
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Serve over TCP on this loopback address, e.g. 127.0.0.1:10809
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Chunk size of the cache (and of a chunked remote)
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
+    pub chunk_size: u64,
+    /// Background pull workers (0: fetch on demand only)
+    #[arg(long, default_value_t = DEFAULT_PULL_WORKERS)]
+    pub pull_workers: usize,
+    /// Concurrent chunk pushes
+    #[arg(long, default_value_t = DEFAULT_PUSH_WORKERS)]
+    pub push_workers: usize,
+    /// Interval between background pushes of written chunks
+    #[arg(long, value_parser = duration, default_value = "20s")]
+    pub push_interval: Duration,
+    /// flush: an fsync returns once the data is pushed to the remote;
+    /// async: fsync only syncs the local cache (writes since the last push
+    /// are lost if the host dies)
+    #[arg(long, value_enum, default_value_t = Durability::Flush)]
+    pub durability: Durability,
+    /// Export name; clients asking for the empty name get this export too
+    #[arg(long, default_value = "r3map")]
+    pub name: String,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    crate::size::parse(s)
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Path of the status file: counters as JSON, rewritten every second.
+pub fn progress_path(cache: &Path) -> PathBuf {
+    let mut s = cache.as_os_str().to_owned();
+    s.push(".progress.json");
+    PathBuf::from(s)
+}
+
+fn write_progress(path: &Path, m: &Managed) {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let r = std::fs::write(&tmp, m.progress().to_json() + "\n")
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        warn!(path = %path.display(), error = %e, "cannot write the progress file");
+    }
+}
+
+/// Runs `r3map mount` until SIGINT/SIGTERM, then pushes everything and exits.
+pub async fn run(a: MountArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let remote = backend::open(&a.remote, a.size, a.chunk_size).await?;
+    let opts = Options {
+        chunk_size: a.chunk_size,
+        pull_workers: a.pull_workers,
+        push_workers: a.push_workers,
+        push_interval: a.push_interval,
+        durability: a.durability,
+    };
+    // Pulling starts here, before the export is reachable.
+    let m = Arc::new(Managed::open(&a.cache, remote.clone(), Some(remote), opts)?);
+    let srv = Server::single(Export::new(a.name.clone(), m.clone()));
+
+    let mut _socket_file = None;
+    let accept = {
+        let srv = srv.clone();
+        if let Some(path) = &a.socket {
+            let l = server::bind_unix(path)?;
+            _socket_file = Some(server::SocketFile(path.clone()));
+            tokio::spawn(async move { srv.listen_unix(l).await })
+        } else {
+            let addr = a.listen.expect("clap requires one transport");
+            let l = server::bind_tcp(addr).await?;
+            tokio::spawn(async move { srv.listen_tcp(l).await })
+        }
+    };
+    let ppath = progress_path(&a.cache);
+    let reporter = {
+        let (m, ppath) = (m.clone(), ppath.clone());
+        tokio::spawn(async move {
+            loop {
+                write_progress(&ppath, &m);
+                debug!(progress = %m.progress().to_json(), "managed mount");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    println!(
+        "r3map: mounting {} ({} bytes, cache {}) as export {:?}",
+        a.remote,
+        a.size,
+        a.cache.display(),
+        a.name
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+        _ = term.recv() => info!("SIGTERM"),
+        r = accept => { r??; }
+    }
+    srv.shutdown();
+    if tokio::time::timeout(Duration::from_secs(10), srv.wait())
+        .await
+        .is_err()
+    {
+        info!("connections still busy after 10 s; pushing anyway");
+    }
+    // Whatever the durability mode, a clean exit leaves nothing unpushed.
+    let res = m.sync().await;
+    m.close().await;
+    reporter.abort();
+    write_progress(&ppath, &m);
+    let p = m.progress();
+    info!(
+        pulled = p.bytes_pulled,
+        pushed = p.bytes_pushed,
+        dirty = p.chunks_dirty,
+        "exiting"
+    );
+    res?;
+    Ok(())
+}
