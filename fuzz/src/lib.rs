@@ -90,7 +90,7 @@ impl AsyncWrite for Capture {
 /// Returns the number of replies checked there, `None` if it never got there.
 pub fn fuzz_handshake(data: &[u8]) -> Option<usize> {
     let mut io = tokio::io::join(Cursor::new(data.to_vec()), Vec::<u8>::new());
-    let res = block_on(negotiate(&mut io, lookup));
+    let res = block_on(negotiate(&mut io, lookup, &r3map::nbd::Limits::default()));
     let (rd, out) = io.into_inner();
     check_handshake_output(&out, &res);
     let Ok(Some(Negotiated { export, structured })) = res else {

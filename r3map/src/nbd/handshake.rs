@@ -19,7 +19,11 @@ pub struct Negotiated {
 
 /// Runs the server side of the handshake. `Ok(None)` when the client ended
 /// it cleanly (ABORT, or hung up after LIST).
-pub async fn negotiate<S, F>(io: &mut S, lookup: F) -> io::Result<Option<Negotiated>>
+pub async fn negotiate<S, F>(
+    io: &mut S,
+    lookup: F,
+    limits: &Limits,
+) -> io::Result<Option<Negotiated>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: Fn(&str) -> Option<Export>,
@@ -162,7 +166,7 @@ where
                 bs.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
                 bs.extend_from_slice(&1u32.to_be_bytes());
                 bs.extend_from_slice(&4096u32.to_be_bytes());
-                bs.extend_from_slice(&Limits::default().max_request.to_be_bytes());
+                bs.extend_from_slice(&limits.max_request.to_be_bytes());
                 reply(io, opt, REP_INFO, &bs).await?;
                 if requests.contains(&INFO_NAME) {
                     let mut v = INFO_NAME.to_be_bytes().to_vec();

@@ -66,7 +66,7 @@ impl Server {
     {
         let neg = tokio::time::timeout(
             self.inner.limits.handshake_timeout,
-            handshake::negotiate(&mut stream, |n| self.lookup(n)),
+            handshake::negotiate(&mut stream, |n| self.lookup(n), &self.inner.limits),
         )
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake took too long"))??;

@@ -3,10 +3,10 @@
 //! one writer sends replies in the order they complete, batching them into
 //! as few syscalls as the queue allows.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -15,10 +15,59 @@ use super::export::{Export, Limits};
 use super::proto::*;
 use crate::backend::Error as BackendError;
 
-/// One reply: a header and, for reads, the data that follows it.
+/// One reply: a header and, for reads, the first `len` bytes of `data`
+/// (a pooled buffer, possibly longer).
 struct Reply {
     head: Vec<u8>,
     data: Vec<u8>,
+    len: usize,
+}
+
+impl Reply {
+    fn bare(head: Vec<u8>) -> Reply {
+        Reply {
+            head,
+            data: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+/// Read buffers handed back by the writer once their reply is on the wire.
+/// A fresh `vec![0; 1 MiB]` per READ costs a zero-fill and ~256 page faults
+/// (glibc gives large blocks back to the kernel on free); reuse avoids both.
+/// Backends fill every byte they are asked for, so no stale data leaks.
+#[derive(Default)]
+struct BufPool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+/// Bytes of idle buffers a connection keeps.
+const POOL_BYTES: usize = 64 << 20;
+
+impl BufPool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut free = self.free.lock().unwrap();
+        if let Some(i) = free
+            .iter()
+            .position(|b| b.len() >= len && b.len() <= len.max(4096) * 2)
+        {
+            return free.swap_remove(i);
+        }
+        drop(free);
+        vec![0u8; len.max(4096)]
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        if buf.is_empty() {
+            return;
+        }
+        let mut free = self.free.lock().unwrap();
+        let held: usize = free.iter().map(|b| b.len()).sum();
+        if held + buf.len() <= POOL_BYTES {
+            free.push(buf);
+        }
+    }
 }
 
 /// Serves requests until the client disconnects, sends DISC, breaks the
@@ -37,10 +86,15 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::channel::<Reply>(1024);
-    let writer = tokio::spawn(write_replies(rx, wr));
+    let pool = Arc::new(BufPool::default());
+    let writer = tokio::spawn(write_replies(rx, wr, pool.clone()));
     let budget = limits.inflight_bytes.max(limits.max_request).max(4096);
     let sem = Arc::new(Semaphore::new(budget as usize));
-    let ctx = Arc::new(Ctx { export, structured });
+    let ctx = Arc::new(Ctx {
+        export,
+        structured,
+        pool,
+    });
 
     let res = read_requests(
         BufReader::with_capacity(128 << 10, rd),
@@ -62,6 +116,7 @@ where
 struct Ctx {
     export: Export,
     structured: bool,
+    pool: Arc<BufPool>,
 }
 
 async fn read_requests<R: AsyncRead + Unpin>(
@@ -110,8 +165,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 .acquire_many_owned(cost(req.len))
                 .await
                 .expect("semaphore open");
-            let mut data = vec![0u8; req.len as usize];
-            rd.read_exact(&mut data).await?;
+            let mut data = ctx.pool.take(req.len as usize);
+            rd.read_exact(&mut data[..req.len as usize]).await?;
             let err = if req.flags & !CMD_FLAG_FUA != 0 {
                 Some((NBD_EINVAL, "unknown flags on WRITE"))
             } else if ctx.export.read_only {
@@ -122,6 +177,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 None
             };
             if let Some((e, msg)) = err {
+                ctx.pool.give(data);
                 reply_now(tx, ctx, req, e, msg).await;
                 continue;
             }
@@ -243,13 +299,20 @@ async fn execute(ctx: &Ctx, req: Request, data: Vec<u8>) -> Reply {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let res = match req.kind {
         CMD_READ => {
-            let mut buf = vec![0u8; req.len as usize];
-            match b.read_at(req.offset, &mut buf).await {
+            let mut buf = ctx.pool.take(req.len as usize);
+            match b.read_at(req.offset, &mut buf[..req.len as usize]).await {
                 Ok(()) => return read_reply(ctx, req, buf),
-                Err(e) => Err(e),
+                Err(e) => {
+                    ctx.pool.give(buf);
+                    Err(e)
+                }
             }
         }
-        CMD_WRITE => b.write_at(req.offset, &data).await,
+        CMD_WRITE => {
+            let r = b.write_at(req.offset, &data[..req.len as usize]).await;
+            ctx.pool.give(data);
+            r
+        }
         CMD_FLUSH => b.flush().await,
         CMD_TRIM => b.trim(req.offset, req.len as u64).await,
         CMD_WRITE_ZEROES => b.write_zeroes(req.offset, req.len as u64).await,
@@ -261,10 +324,7 @@ async fn execute(ctx: &Ctx, req: Request, data: Vec<u8>) -> Reply {
         other => other,
     };
     match res {
-        Ok(()) => Reply {
-            head: simple_reply(req.cookie, 0),
-            data: Vec::new(),
-        },
+        Ok(()) => Reply::bare(simple_reply(req.cookie, 0)),
         Err(e) => {
             warn!(cookie = req.cookie, kind = req.kind, offset = req.offset, len = req.len, error = %e, "request failed");
             error_reply(ctx, req, e.errno(), &e.to_string())
@@ -273,41 +333,44 @@ async fn execute(ctx: &Ctx, req: Request, data: Vec<u8>) -> Reply {
 }
 
 fn read_reply(ctx: &Ctx, req: Request, buf: Vec<u8>) -> Reply {
+    let len = req.len as usize;
     if !ctx.structured {
         return Reply {
             head: simple_reply(req.cookie, 0),
             data: buf,
+            len,
         };
     }
-    if buf.is_empty() {
-        return Reply {
-            head: structured_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0),
-            data: buf,
-        };
+    if len == 0 {
+        ctx.pool.give(buf);
+        return Reply::bare(structured_header(
+            req.cookie,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_NONE,
+            0,
+        ));
     }
     let mut head = structured_header(
         req.cookie,
         REPLY_FLAG_DONE,
         REPLY_TYPE_OFFSET_DATA,
-        8 + buf.len() as u32,
+        8 + len as u32,
     );
     head.extend_from_slice(&req.offset.to_be_bytes());
-    Reply { head, data: buf }
+    Reply {
+        head,
+        data: buf,
+        len,
+    }
 }
 
 fn error_reply(ctx: &Ctx, req: Request, errno: u32, msg: &str) -> Reply {
     // With structured replies a READ must be answered with chunks; other
     // commands may keep simple replies.
     if ctx.structured && req.kind == CMD_READ {
-        Reply {
-            head: structured_error(req.cookie, errno, msg),
-            data: Vec::new(),
-        }
+        Reply::bare(structured_error(req.cookie, errno, msg))
     } else {
-        Reply {
-            head: simple_reply(req.cookie, errno),
-            data: Vec::new(),
-        }
+        Reply::bare(simple_reply(req.cookie, errno))
     }
 }
 
@@ -330,26 +393,55 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Replies gathered into one vectored write at most.
+const BATCH_REPLIES: usize = 64;
+const BATCH_BYTES: usize = 8 << 20;
+
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Reply>,
-    wr: W,
+    mut wr: W,
+    pool: Arc<BufPool>,
 ) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 << 10, wr);
+    let mut batch: Vec<Reply> = Vec::with_capacity(BATCH_REPLIES);
     while let Some(r) = rx.recv().await {
-        put(&mut w, r).await?;
-        // Batch whatever else is ready into the same flush.
-        while let Ok(r) = rx.try_recv() {
-            put(&mut w, r).await?;
+        // Whatever else is ready goes out in the same syscall: headers and
+        // data together, no copy into an intermediate buffer.
+        let mut bytes = r.head.len() + r.len;
+        batch.push(r);
+        while batch.len() < BATCH_REPLIES && bytes < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(r) => {
+                    bytes += r.head.len() + r.len;
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
         }
-        w.flush().await?;
+        let mut slices = Vec::with_capacity(batch.len() * 2);
+        for r in &batch {
+            slices.push(IoSlice::new(&r.head));
+            if r.len > 0 {
+                slices.push(IoSlice::new(&r.data[..r.len]));
+            }
+        }
+        write_all_vectored(&mut wr, &mut slices).await?;
+        for r in batch.drain(..) {
+            pool.give(r.data);
+        }
     }
-    Ok(())
+    wr.flush().await
 }
 
-async fn put<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, r: Reply) -> io::Result<()> {
-    w.write_all(&r.head).await?;
-    if !r.data.is_empty() {
-        w.write_all(&r.data).await?;
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        let n = wr.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())
 }
