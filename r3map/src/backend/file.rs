@@ -76,7 +76,15 @@ impl Backend for FileBackend {
 
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         check_range(offset, data.len() as u64, self.size)?;
-        self.file.write_all_at(data, offset)?;
+        // A pwrite that allocates blocks holds the inode lock for tens of
+        // microseconds; on a multi-thread runtime let the worker hand its
+        // other tasks (the connection's reader, the reply writer) to
+        // another thread meanwhile.
+        let write = || self.file.write_all_at(data, offset);
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write)?,
+            _ => write()?,
+        }
         Ok(())
     }
 
