@@ -31,6 +31,8 @@ fn random_bytes(seed: u64, n: u64) -> Vec<u8> {
 struct Probe {
     mem: Memory,
     reads: AtomicU64,
+    /// Bytes handed out by reads (counted once they are copied).
+    bytes_read: AtomicU64,
     writes_started: AtomicU64,
     writes: AtomicU64,
     trims: AtomicU64,
@@ -47,6 +49,7 @@ impl Probe {
         Arc::new(Probe {
             mem: Memory::new(size, chunk),
             reads: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
             writes_started: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             trims: AtomicU64::new(0),
@@ -82,6 +85,7 @@ impl Backend for Probe {
             return Err(std::io::Error::other("injected read failure").into());
         }
         self.mem.read_at(offset, buf).await?;
+        self.bytes_read.fetch_add(buf.len() as u64, SeqCst);
         let d = self.read_delay_ms.load(SeqCst);
         if d > 0 {
             tokio::time::sleep(Duration::from_millis(d)).await;
@@ -189,6 +193,14 @@ async fn concurrent_reads_of_one_chunk_fetch_it_once() {
     assert_eq!(m.progress().on_demand_fetches, 1);
 }
 
+async fn wait_in_flight(m: &Managed) {
+    let t = Instant::now();
+    while m.progress().chunks_in_flight == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "no fetch started");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_joins_a_background_fetch_in_flight() {
     let d = tmp();
@@ -197,10 +209,10 @@ async fn a_read_joins_a_background_fetch_in_flight() {
     let p = Probe::with(&data, chunk).await;
     p.read_delay_ms.store(300, SeqCst);
     let m = plain(&d.path().join("c"), &p, opts(chunk, 1));
-    tokio::time::sleep(Duration::from_millis(50)).await; // worker took chunk 0
+    wait_in_flight(&m).await; // the worker took chunk 0
     let t = Instant::now();
     assert_eq!(read(&m, 0, 10).await.unwrap(), &data[..10]);
-    assert!(t.elapsed() < Duration::from_millis(300));
+    assert!(t.elapsed() < Duration::from_secs(1));
     assert_eq!(m.progress().on_demand_fetches, 0, "joined, not refetched");
     m.wait_complete().await;
     assert_eq!(p.reads.load(SeqCst), 4);
@@ -409,8 +421,7 @@ async fn mark_missing_pulls_again_and_discards_a_stale_fetch() {
         read(&m, 2 * chunk, 4).await.unwrap(),
         &data[(2 * chunk) as usize..][..4]
     );
-    m.mark_missing(&[2]).await.unwrap();
-    assert_eq!(m.chunk_state(2), Some(ChunkState::Missing));
+    m.mark_missing(&[2]).await.unwrap(); // (a background worker may pull it at once)
     assert_eq!(read(&m, 2 * chunk, 4).await.unwrap(), b"new!");
     assert_eq!(m.progress().bytes_pulled, pulled + chunk);
 
@@ -420,11 +431,23 @@ async fn mark_missing_pulls_again_and_discards_a_stale_fetch() {
     tokio::time::sleep(Duration::from_millis(300)).await; // background refetched it
     m.hold().await; // as the migration does
     p.read_delay_ms.store(300, SeqCst);
+    let before = p.bytes_read.load(SeqCst);
     m.mark_missing(&[5]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await; // a worker fetches the old bytes
+    while p.bytes_read.load(SeqCst) == before {
+        tokio::time::sleep(Duration::from_millis(1)).await; // until a worker holds the old bytes
+    }
     p.mem.write_at(5 * chunk, b"late").await.unwrap();
+    // The new fetch is slower than the stale one: the stale one lands
+    // first, and is the one to throw away.
+    p.read_delay_ms.store(700, SeqCst);
     m.mark_missing(&[5]).await.unwrap();
     m.release().await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        m.chunk_state(5),
+        Some(ChunkState::Missing),
+        "stale fetch installed"
+    );
     assert_eq!(read(&m, 5 * chunk, 4).await.unwrap(), b"late");
     p.read_delay_ms.store(0, SeqCst);
     m.wait_complete().await;

@@ -198,12 +198,11 @@ mod tests {
         assert!(e.to_string().contains("chunk size 4096"), "{e}");
         let e = StateFile::open_existing(&p, 4096, 20_000).err().unwrap();
         assert!(e.to_string().contains("10000 bytes"), "{e}");
-        std::fs::write(
-            &p,
-            b"garbage that is long enough to hold a header of 64 bytes.......",
-        )
-        .unwrap();
+        std::fs::write(&p, [b'x'; 80]).unwrap();
         let e = StateFile::open_existing(&p, 4096, 10_000).err().unwrap();
         assert!(e.to_string().contains("magic"), "{e}");
+        std::fs::write(&p, [b'x'; 10]).unwrap();
+        let e = StateFile::open_existing(&p, 4096, 10_000).err().unwrap();
+        assert!(e.to_string().contains("shorter than its header"), "{e}");
     }
 }
