@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod backend;
 pub mod managed;
+pub mod migration;
 pub mod nbd;
 pub mod relay;
 pub mod remote;

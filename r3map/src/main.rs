@@ -32,6 +32,12 @@ enum Cmd {
     Backend(r3map::remote::cli::BackendArgs),
     /// Serve a remote backend through a local cache: pull in the background, push written chunks.
     Mount(r3map::managed::cli::MountArgs),
+    /// Migration destination: pull a region from a source's Seed, serve it once finalized.
+    Leech(r3map::migration::cli::LeechArgs),
+    /// Tell a leech to finalize its migration (the source stops taking writes).
+    Finalize(r3map::migration::cli::FinalizeArgs),
+    /// Progress of a leech: chunks present, finalized, complete.
+    MigrationStatus(r3map::migration::cli::StatusArgs),
 }
 
 #[derive(Args)]
@@ -78,6 +84,8 @@ struct ServeArgs {
     /// Export name; clients asking for the empty name get this export too
     #[arg(long, default_value = "r3map")]
     name: String,
+    #[command(flatten)]
+    seed: r3map::migration::cli::SeedArgs,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -103,6 +111,15 @@ fn main() -> ExitCode {
             Cmd::Relay(a) => relay(a).await,
             Cmd::Backend(a) => r3map::remote::cli::run(a).await,
             Cmd::Mount(a) => r3map::managed::cli::run(a).await,
+            Cmd::Leech(a) => r3map::migration::cli::run_leech(a)
+                .await
+                .map_err(|e| e as _),
+            Cmd::Finalize(a) => r3map::migration::cli::run_finalize(a)
+                .await
+                .map_err(|e| e as _),
+            Cmd::MigrationStatus(a) => r3map::migration::cli::run_status(a)
+                .await
+                .map_err(|e| e as _),
         }
     });
     match res {
@@ -117,6 +134,9 @@ fn main() -> ExitCode {
 
 async fn serve(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let backend = backend::open(&a.backend, a.size, a.chunk_size).await?;
+    let (backend, _seed) = r3map::migration::cli::seed_wrap(&a.seed, backend, a.chunk_size)
+        .await
+        .map_err(|e| e as Box<dyn std::error::Error>)?;
     let srv = Server::single(Export::new(a.name.clone(), backend).read_only(a.read_only));
 
     let mut _socket_file = None;

@@ -1,0 +1,350 @@
+//! The migration commands: `serve --seed-listen` (the source side),
+//! `r3map leech` (the destination) and `r3map finalize` (tells a leech to
+//! finalize). See docs/migration.md.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tracing::{info, warn};
+
+use super::leech::{self, Leech, LeechService};
+use super::net::{self, Endpoint, Listener, ServerAuth, Token};
+use super::pb::{self, leech_server::LeechServer, seed_server::SeedServer};
+use super::seed::SeedService;
+use super::tracked::Tracked;
+use crate::backend::Backend;
+use crate::nbd::{server, Export, Server};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Options of `r3map serve` that make it a migration source.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SeedArgs {
+    /// Also serve the migration `Seed` service here (HOST:PORT or a unix
+    /// socket path), so a destination can `r3map leech --from` this region.
+    /// A non-loopback address needs --token-file.
+    #[arg(long, value_name = "HOST:PORT|PATH")]
+    pub seed_listen: Option<Endpoint>,
+    /// File holding the shared bearer token of the migration services.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// The running Seed service of a `serve`; stops when dropped.
+pub struct SeedHandle {
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for SeedHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Spawns the Seed service over `region` on a bound listener.
+fn spawn_seed(l: Listener, region: Arc<Tracked>, token: Option<&Token>) -> SeedHandle {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let router = net::server().add_service(SeedServer::with_interceptor(
+        SeedService::new(region),
+        ServerAuth::new(token),
+    ));
+    let where_ = l.describe();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        info!(on = %where_, "migration: serving Seed");
+        if let Err(e) = l.serve(router, s.cancelled_owned()).await {
+            warn!(error = %e, "Seed service ended");
+        }
+    });
+    SeedHandle { stop }
+}
+
+/// For `serve`: with `--seed-listen`, wraps `backend` in [`Tracked`] and
+/// serves Seed over it; returns the backend the NBD export must use.
+pub async fn seed_wrap(
+    a: &SeedArgs,
+    backend: Arc<dyn Backend>,
+    chunk: u64,
+) -> Result<(Arc<dyn Backend>, Option<SeedHandle>), BoxError> {
+    let Some(ep) = &a.seed_listen else {
+        if a.token_file.is_some() {
+            return Err("--token-file is for --seed-listen".into());
+        }
+        return Ok((backend, None));
+    };
+    let token = net::token(a.token_file.as_deref())?;
+    let l = Listener::bind(ep, token.as_ref()).await?;
+    let region = Arc::new(Tracked::new(backend, chunk));
+    let h = spawn_seed(l, region.clone(), token.as_ref());
+    Ok((region, Some(h)))
+}
+
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("transport").required(true).args(["socket", "listen"]))]
+pub struct LeechArgs {
+    /// The source's Seed service (HOST:PORT or unix socket path)
+    #[arg(long, value_name = "HOST:PORT|PATH")]
+    pub from: Endpoint,
+    /// Local cache file for the region (must not exist yet); its chunk
+    /// states go to PATH.state
+    #[arg(long, value_name = "PATH")]
+    pub cache: PathBuf,
+    /// Serve the destination's NBD export on this unix socket
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Serve the destination's NBD export on this loopback address
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Control endpoint (`Leech` service: finalize, status), HOST:PORT or a
+    /// unix socket path
+    #[arg(long, value_name = "HOST:PORT|PATH")]
+    pub control: Endpoint,
+    /// The region's own backend: where missing chunks come from if the seed
+    /// is lost, and where this destination pushes its writes
+    #[arg(long, value_name = "URI")]
+    pub backend: Option<String>,
+    /// Bearer token file: sent to the seed, and required by this leech's
+    /// own control and Seed services
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Also serve Seed, so the next migration can pull from here (chains)
+    #[arg(long, value_name = "HOST:PORT|PATH")]
+    pub seed_listen: Option<Endpoint>,
+    /// Background pull workers (chunks in flight)
+    #[arg(long, default_value_t = crate::managed::DEFAULT_PULL_WORKERS)]
+    pub pull_workers: usize,
+    /// How long failing seed reads are retried before the seed is declared lost
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub seed_timeout: Duration,
+    /// Export name; clients asking for the empty name get this export too
+    #[arg(long, default_value = "r3map")]
+    pub name: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// `r3map leech`: runs until SIGINT/SIGTERM. Fails (exit non-zero) when the
+/// migration cannot complete before finalize, or was stopped before it.
+pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
+    let token = net::token(a.token_file.as_deref())?;
+    if a.pull_workers == 0 {
+        return Err("--pull-workers must be at least 1: a migration pulls everything".into());
+    }
+    // Bind every listener before contacting the seed: a bad flag must not
+    // start tracking at the source.
+    let ctl = Listener::bind(&a.control, token.as_ref()).await?;
+    let seed_l = match &a.seed_listen {
+        Some(ep) => Some(Listener::bind(ep, token.as_ref()).await?),
+        None => None,
+    };
+    let mut _socket_file = None;
+    enum Nbd {
+        Unix(tokio::net::UnixListener),
+        Tcp(tokio::net::TcpListener),
+    }
+    let nbd_l = if let Some(p) = &a.socket {
+        let l = server::bind_unix(p)?;
+        _socket_file = Some(server::SocketFile(p.clone()));
+        Nbd::Unix(l)
+    } else {
+        Nbd::Tcp(server::bind_tcp(a.listen.expect("clap requires one transport")).await?)
+    };
+
+    let leech = Leech::start(leech::Config {
+        from: a.from.clone(),
+        token: token.clone(),
+        cache: a.cache.clone(),
+        fallback: a.backend.clone(),
+        patience: a.seed_timeout,
+        pull_workers: a.pull_workers,
+    })
+    .await?;
+
+    // Writes go through Tracked so this host can seed the next migration.
+    let region = Arc::new(Tracked::new(
+        leech.managed().clone() as Arc<dyn Backend>,
+        leech.chunk_size(),
+    ));
+    let srv = Server::single(Export::new(a.name.clone(), region.clone()));
+    let accept = {
+        let srv = srv.clone();
+        match nbd_l {
+            Nbd::Unix(l) => tokio::spawn(async move { srv.listen_unix(l).await }),
+            Nbd::Tcp(l) => tokio::spawn(async move { srv.listen_tcp(l).await }),
+        }
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    {
+        let router = net::server().add_service(LeechServer::with_interceptor(
+            LeechService(leech.clone()),
+            ServerAuth::new(token.as_ref()),
+        ));
+        let s = stop.clone();
+        info!(on = %ctl.describe(), "migration: serving Leech control");
+        tokio::spawn(async move {
+            if let Err(e) = ctl.serve(router, s.cancelled_owned()).await {
+                warn!(error = %e, "Leech control service ended");
+            }
+        });
+    }
+    let _seed = seed_l.map(|l| spawn_seed(l, region.clone(), token.as_ref()));
+    println!(
+        "r3map: leech of {} ({} bytes) serving export {:?}, held until finalize",
+        a.from,
+        leech.size(),
+        a.name
+    );
+
+    let mut phase = leech.phase();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let res: Result<(), BoxError> = tokio::select! {
+        _ = tokio::signal::ctrl_c() => { info!("SIGINT"); Ok(()) }
+        _ = term.recv() => { info!("SIGTERM"); Ok(()) }
+        r = accept => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())).map_err(Into::into),
+        // Before finalize a fatal error means the data can never be served.
+        r = phase.wait_for(|p| p.fatal.is_some() && !p.finalized) => {
+            Err(r.map(|p| p.fatal.clone().unwrap_or_default()).unwrap_or_default().into())
+        }
+    };
+    stop.cancel();
+    srv.shutdown();
+    let ph = leech.phase().borrow().clone();
+    if res.is_ok() || ph.finalized {
+        if tokio::time::timeout(Duration::from_secs(10), srv.wait())
+            .await
+            .is_err()
+        {
+            info!("connections still busy after 10 s; syncing anyway");
+        }
+        if ph.finalized {
+            // Push what was written here to the region's backend, if any.
+            if let Err(e) = leech.managed().sync().await {
+                warn!(error = %e, "sync at exit failed");
+            }
+        }
+    }
+    leech.managed().close().await;
+    res?;
+    if let Some(f) = ph.fatal {
+        return Err(f.into());
+    }
+    if !ph.finalized {
+        return Err("stopped before finalize: the migration did not happen".into());
+    }
+    if !leech.status().complete {
+        warn!("stopped before every chunk was pulled: the rest is still on the source");
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct FinalizeArgs {
+    /// The leech's control endpoint (its --control)
+    #[arg(long, value_name = "HOST:PORT|PATH")]
+    pub leech: Endpoint,
+    /// Bearer token file, if the leech has one
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The source is dead and fenced: finalize without its dirty list,
+    /// taking every chunk again from the leech's --backend
+    #[arg(long)]
+    pub seed_lost: bool,
+    /// After finalizing, wait until every chunk is at the destination
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub timeout: Duration,
+}
+
+/// `r3map finalize`: prints one line of `key=value`s, and with --wait a
+/// second one when the destination holds every chunk.
+pub async fn run_finalize(a: FinalizeArgs) -> Result<(), BoxError> {
+    let token = net::token(a.token_file.as_deref())?;
+    let ch = net::connect(&a.leech, token.as_ref()).await?;
+    let mut c = pb::leech_client::LeechClient::new(ch);
+    let t = Instant::now();
+    let r = c
+        .finalize(pb::LeechFinalizeRequest {
+            seed_lost: a.seed_lost,
+        })
+        .await
+        .map_err(|s| format!("finalize: {}", s.message()))?
+        .into_inner();
+    println!(
+        "finalized dirty_chunks={} leech_us={} call_us={} seed_lost={}",
+        r.dirty_chunks,
+        r.elapsed_us,
+        t.elapsed().as_micros(),
+        r.seed_lost
+    );
+    if !a.wait {
+        return Ok(());
+    }
+    let deadline = Instant::now() + a.timeout;
+    loop {
+        let s = c
+            .status(pb::StatusRequest {})
+            .await
+            .map_err(|s| format!("status: {}", s.message()))?
+            .into_inner();
+        if !s.error.is_empty() {
+            return Err(format!("migration failed: {}", s.error).into());
+        }
+        if s.complete {
+            println!(
+                "complete chunks={} wait_us={}",
+                s.chunks_total,
+                t.elapsed().as_micros()
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "not complete after {:?}: {}/{} chunks",
+                a.timeout, s.chunks_present, s.chunks_total
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The leech's control endpoint (its --control)
+    #[arg(long, value_name = "HOST:PORT|PATH")]
+    pub leech: Endpoint,
+    /// Bearer token file, if the leech has one
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// `r3map migration-status`: one line of `key=value`s.
+pub async fn run_status(a: StatusArgs) -> Result<(), BoxError> {
+    let token = net::token(a.token_file.as_deref())?;
+    let ch = net::connect(&a.leech, token.as_ref()).await?;
+    let s = pb::leech_client::LeechClient::new(ch)
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(|s| format!("status: {}", s.message()))?
+        .into_inner();
+    println!(
+        "size={} chunk_size={} total={} present={} finalized={} complete={} seed_lost={} fallback={} error={:?}",
+        s.size,
+        s.chunk_size,
+        s.chunks_total,
+        s.chunks_present,
+        s.finalized,
+        s.complete,
+        s.seed_lost,
+        s.fallback,
+        s.error
+    );
+    Ok(())
+}

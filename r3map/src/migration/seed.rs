@@ -1,0 +1,323 @@
+//! The source side: the `Seed` gRPC service over a [`Tracked`] region, and
+//! [`SeedClient`], the destination's read-only [`Backend`] view of a seed.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use super::pb::{self, seed_server};
+use super::tracked::{ChunkSet, Tracked};
+use crate::backend::{check_range, Backend, Error, Result};
+
+/// Largest piece of data in one `ReadReply`: well under tonic's 4 MiB
+/// default message limit.
+pub const PIECE: u64 = 1 << 20;
+/// Largest range one `Read` call may ask for, so one request cannot make
+/// the seed stream gigabytes (the destination asks chunk by chunk).
+pub const MAX_READ: u64 = 64 << 20;
+
+/// The `Seed` service over one region.
+pub struct SeedService {
+    region: Arc<Tracked>,
+}
+
+impl SeedService {
+    pub fn new(region: Arc<Tracked>) -> Self {
+        SeedService { region }
+    }
+
+    pub fn into_server(self) -> seed_server::SeedServer<Self> {
+        seed_server::SeedServer::new(self)
+    }
+}
+
+fn status(e: Error) -> Status {
+    match e {
+        Error::OutOfRange { .. } => Status::out_of_range(e.to_string()),
+        e => Status::internal(e.to_string()),
+    }
+}
+
+type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl seed_server::Seed for SeedService {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoReply>, Status> {
+        Ok(Response::new(pb::InfoReply {
+            size: self.region.size(),
+            chunk_size: self.region.chunk_size(),
+            tracking: self.region.is_tracking(),
+            finalized: self.region.is_finalized(),
+        }))
+    }
+
+    async fn track(
+        &self,
+        _: Request<pb::TrackRequest>,
+    ) -> Result<Response<pb::TrackReply>, Status> {
+        self.region.track().await;
+        info!("migration: tracking writes");
+        Ok(Response::new(pb::TrackReply {}))
+    }
+
+    type ReadStream = ReadStream;
+
+    async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let pb::ReadRequest { offset, length } = req.into_inner();
+        check_range(offset, length, self.region.size()).map_err(status)?;
+        if length > MAX_READ {
+            return Err(Status::invalid_argument(format!(
+                "read of {length} bytes: at most {MAX_READ} per call"
+            )));
+        }
+        // Pieces are read one ahead of the sender: bounded memory, and the
+        // next read overlaps the send of the previous piece.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let region = self.region.clone();
+        tokio::spawn(async move {
+            let mut pos = offset;
+            let end = offset + length;
+            while pos < end {
+                let n = (end - pos).min(PIECE);
+                let mut buf = vec![0u8; n as usize];
+                let r = region.read_at(pos, &mut buf).await;
+                let item = r.map(|()| pb::ReadReply { data: buf }).map_err(status);
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+                pos += n;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn finalize(
+        &self,
+        _: Request<pb::FinalizeRequest>,
+    ) -> Result<Response<pb::FinalizeReply>, Status> {
+        if !self.region.is_tracking() {
+            // Without a record the destination could not know what changed.
+            return Err(Status::failed_precondition(
+                "finalize before track: the destination never started",
+            ));
+        }
+        let t = Instant::now();
+        let set = self.region.finalize().await.map_err(status)?;
+        info!(
+            dirty_chunks = set.count(),
+            took = ?t.elapsed(),
+            "migration: finalized; writes are closed, reads stay open for the destination"
+        );
+        Ok(Response::new(finalize_reply(&set)))
+    }
+}
+
+pub(crate) fn finalize_reply(set: &ChunkSet) -> pb::FinalizeReply {
+    pb::FinalizeReply {
+        dirty: set
+            .ranges()
+            .into_iter()
+            .map(|(first, count)| pb::ChunkRange { first, count })
+            .collect(),
+        dirty_chunks: set.count(),
+    }
+}
+
+/// Chunk indices of a finalize reply, checked against the region: a reply
+/// whose ranges do not add up to its count, or name chunks past the end, is
+/// refused rather than half-applied.
+pub fn dirty_chunks(reply: &pb::FinalizeReply, chunks: u64) -> Result<Vec<u64>, String> {
+    let mut set = ChunkSet::new(chunks);
+    for r in &reply.dirty {
+        let end = r.first.checked_add(r.count).filter(|&e| e <= chunks);
+        if end.is_none() {
+            return Err(format!(
+                "dirty range {}+{} is outside the {chunks} chunks of the region",
+                r.first, r.count
+            ));
+        }
+        set.insert_range(r.first, r.count);
+    }
+    if set.count() != reply.dirty_chunks {
+        return Err(format!(
+            "dirty list names {} chunks but says {}",
+            set.count(),
+            reply.dirty_chunks
+        ));
+    }
+    Ok(set.iter().collect())
+}
+
+/// A client of a `Seed` with the channel's auth applied.
+pub type Client = pb::seed_client::SeedClient<super::net::AuthedChannel>;
+
+/// The destination's view of the seed's region: reads over gRPC, retried
+/// until `patience` has passed without success; then the seed is declared
+/// lost (for good: a seed that came back could have been written in the
+/// meantime) and every later read fails at once.
+pub struct SeedClient {
+    client: Client,
+    size: u64,
+    chunk: u64,
+    patience: Duration,
+    lost: Arc<AtomicBool>,
+    lost_tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl SeedClient {
+    /// Asks the seed for its geometry.
+    pub async fn connect(mut client: Client, patience: Duration) -> Result<Self, Status> {
+        let info = client.info(pb::InfoRequest {}).await?.into_inner();
+        if info.chunk_size == 0 {
+            return Err(Status::internal("seed reports a chunk size of 0"));
+        }
+        Ok(SeedClient {
+            client,
+            size: info.size,
+            chunk: info.chunk_size,
+            patience,
+            lost: Arc::new(AtomicBool::new(false)),
+            lost_tx: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Changes to true once when the seed is declared lost.
+    pub fn lost_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.lost_tx.subscribe()
+    }
+
+    /// Declares the seed lost (also used when a control call fails).
+    pub fn declare_lost(&self, why: &str) {
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            warn!(reason = why, "migration: seed lost");
+            self.lost_tx.send_replace(true);
+        }
+    }
+
+    async fn read_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
+        let mut c = self.client.clone();
+        let mut s = c
+            .read(pb::ReadRequest {
+                offset,
+                length: buf.len() as u64,
+            })
+            .await?
+            .into_inner();
+        let mut pos = 0usize;
+        while let Some(piece) = s.message().await? {
+            let end = pos + piece.data.len();
+            if end > buf.len() {
+                return Err(Status::internal("seed sent more bytes than asked"));
+            }
+            buf[pos..end].copy_from_slice(&piece.data);
+            pos = end;
+        }
+        if pos != buf.len() {
+            return Err(Status::internal(format!(
+                "seed sent {pos} of {} bytes",
+                buf.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn lost_error() -> Error {
+    Error::Io(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "migration seed lost",
+    ))
+}
+
+/// Errors worth retrying: anything but an answer that will not change
+/// (bad range, auth refused). A connection that broke mid-stream shows up
+/// as Cancelled or Unknown, a dead peer as Unavailable.
+fn transient(s: &Status) -> bool {
+    use tonic::Code::*;
+    !matches!(
+        s.code(),
+        InvalidArgument
+            | OutOfRange
+            | Unauthenticated
+            | PermissionDenied
+            | FailedPrecondition
+            | Unimplemented
+            | NotFound
+    )
+}
+
+#[async_trait]
+impl Backend for SeedClient {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        for piece_start in (0..buf.len()).step_by(MAX_READ as usize) {
+            let piece_end = (piece_start + MAX_READ as usize).min(buf.len());
+            loop {
+                if self.is_lost() {
+                    return Err(lost_error());
+                }
+                let piece = &mut buf[piece_start..piece_end];
+                match self.read_once(offset + piece_start as u64, piece).await {
+                    Ok(()) => break,
+                    Err(s) if transient(&s) && start.elapsed() < self.patience => {
+                        debug!(error = %s, "seed read failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                    Err(s) => {
+                        if transient(&s) {
+                            self.declare_lost(&format!(
+                                "reads failing for {:?}: {s}",
+                                start.elapsed()
+                            ));
+                            return Err(lost_error());
+                        }
+                        return Err(Error::Io(std::io::Error::other(format!(
+                            "seed refused a read: {s}"
+                        ))));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_at(&self, _: u64, _: &[u8]) -> Result<()> {
+        Err(Error::Config("the migration seed is read-only".into()))
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn trim(&self, _: u64, _: u64) -> Result<()> {
+        Err(Error::Config("the migration seed is read-only".into()))
+    }
+}

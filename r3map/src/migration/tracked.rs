@@ -1,0 +1,324 @@
+//! `Tracked`: a backend wrapper that records, once tracking starts, every
+//! chunk written, trimmed or zeroed, and that can be finalized: flushed,
+//! closed to writes, and its record handed over in one atomic step.
+//!
+//! Atomicity comes from one gate: every mutating call holds the gate shared
+//! for its whole duration (record + write); `track()` and `finalize()` take
+//! it exclusively, so they wait for writes in flight and no write can slip
+//! between "recorded" and "done" on either side of them.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::RwLock;
+
+use crate::backend::{check_range, Backend, Error, Result};
+
+/// A set of chunk indices as a bitmap, one bit per chunk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkSet {
+    words: Vec<u64>,
+    len: u64,
+    count: u64,
+}
+
+impl ChunkSet {
+    /// An empty set over `len` chunks.
+    pub fn new(len: u64) -> Self {
+        ChunkSet {
+            words: vec![0; len.div_ceil(64) as usize],
+            len,
+            count: 0,
+        }
+    }
+
+    /// Number of chunks the set ranges over.
+    pub fn capacity(&self) -> u64 {
+        self.len
+    }
+
+    /// Number of chunks in the set.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn contains(&self, i: u64) -> bool {
+        i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Adds chunk `i`; returns true if it was not there. Out-of-range
+    /// indices are ignored (they cannot name a chunk of the region).
+    pub fn insert(&mut self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let w = &mut self.words[(i / 64) as usize];
+        let bit = 1 << (i % 64);
+        let new = *w & bit == 0;
+        *w |= bit;
+        self.count += new as u64;
+        new
+    }
+
+    /// Adds every chunk of `first..first+count`.
+    pub fn insert_range(&mut self, first: u64, count: u64) {
+        for i in first..first.saturating_add(count).min(self.len) {
+            self.insert(i);
+        }
+    }
+
+    /// Chunk indices in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros() as u64;
+                w &= w - 1;
+                Some(wi as u64 * 64 + b)
+            })
+        })
+    }
+
+    /// The set as maximal runs `(first, count)`, ascending: compact on the
+    /// wire when writes are sequential.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for i in self.iter() {
+            match out.last_mut() {
+                Some((f, c)) if *f + *c == i => *c += 1,
+                _ => out.push((i, 1)),
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    tracking: bool,
+    dirty: ChunkSet,
+    /// Set once by `finalize`: the record handed over, kept so a repeated
+    /// finalize returns the same answer.
+    finalized: Option<Arc<ChunkSet>>,
+}
+
+/// Wraps a backend; see the module docs. After [`Tracked::finalize`] every
+/// write, trim and zeroing fails with EIO (the source application is being
+/// stopped; failing is chosen over blocking so it cannot hang in D-state on
+/// a device that will never accept writes again). Reads keep working: the
+/// destination pulls the chunks it lacks from here after finalize.
+pub struct Tracked {
+    inner: Arc<dyn Backend>,
+    chunk: u64,
+    gate: RwLock<()>,
+    state: Mutex<State>,
+}
+
+impl Tracked {
+    /// Tracks `inner` at a granularity of `chunk` bytes.
+    pub fn new(inner: Arc<dyn Backend>, chunk: u64) -> Self {
+        assert!(chunk > 0, "chunk size must be positive");
+        let n = inner.size().div_ceil(chunk);
+        Tracked {
+            inner,
+            chunk,
+            gate: RwLock::new(()),
+            state: Mutex::new(State {
+                tracking: false,
+                dirty: ChunkSet::new(n),
+                finalized: None,
+            }),
+        }
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk
+    }
+
+    pub fn inner(&self) -> &Arc<dyn Backend> {
+        &self.inner
+    }
+
+    /// Starts recording writes. Waits for writes in flight, so every write
+    /// that completes after this returns is recorded. Idempotent: a second
+    /// call keeps the record so far.
+    pub async fn track(&self) {
+        let _x = self.gate.write().await;
+        self.state.lock().unwrap().tracking = true;
+    }
+
+    pub fn is_tracking(&self) -> bool {
+        self.state.lock().unwrap().tracking
+    }
+
+    pub fn is_finalized(&self) -> bool {
+        self.state.lock().unwrap().finalized.is_some()
+    }
+
+    /// Chunks recorded so far (a snapshot; for progress reports).
+    pub fn dirty_count(&self) -> u64 {
+        self.state.lock().unwrap().dirty.count()
+    }
+
+    /// Waits for writes in flight, flushes the backend, closes it to writes
+    /// and returns the chunks written since [`Tracked::track`]. Idempotent:
+    /// later calls return the same set. If the flush fails the region stays
+    /// open and the error is returned, so the caller can retry or abort.
+    pub async fn finalize(&self) -> Result<Arc<ChunkSet>> {
+        let _x = self.gate.write().await;
+        if let Some(f) = &self.state.lock().unwrap().finalized {
+            return Ok(f.clone());
+        }
+        self.inner.flush().await?;
+        let mut st = self.state.lock().unwrap();
+        let set = Arc::new(std::mem::replace(&mut st.dirty, ChunkSet::new(0)));
+        st.finalized = Some(set.clone());
+        Ok(set)
+    }
+
+    /// Records `offset..offset+len` if tracking; refuses once finalized.
+    /// Called with the gate held shared.
+    fn record(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.inner.size())?;
+        let mut st = self.state.lock().unwrap();
+        if st.finalized.is_some() {
+            return Err(Error::Io(std::io::Error::other(
+                "region finalized for migration: writes are closed",
+            )));
+        }
+        if st.tracking && len > 0 {
+            let first = offset / self.chunk;
+            let last = (offset + len - 1) / self.chunk;
+            st.dirty.insert_range(first, last - first + 1);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for Tracked {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_at(offset, buf).await
+    }
+
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let _g = self.gate.read().await;
+        self.record(offset, data.len() as u64)?;
+        self.inner.write_at(offset, data).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let _g = self.gate.read().await;
+        self.record(offset, len)?;
+        self.inner.trim(offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let _g = self.gate.read().await;
+        self.record(offset, len)?;
+        self.inner.write_zeroes(offset, len).await
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.cache(offset, len).await
+    }
+
+    fn flush_is_global(&self) -> bool {
+        self.inner.flush_is_global()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::Memory;
+
+    #[test]
+    fn chunk_set_ranges_and_count() {
+        let mut s = ChunkSet::new(200);
+        assert!(s.insert(3));
+        assert!(!s.insert(3));
+        s.insert_range(63, 3);
+        s.insert(199);
+        s.insert(500); // out of range: ignored
+        assert_eq!(s.count(), 5);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![3, 63, 64, 65, 199]);
+        assert_eq!(s.ranges(), vec![(3, 1), (63, 3), (199, 1)]);
+        assert!(s.contains(64) && !s.contains(66) && !s.contains(500));
+    }
+
+    #[tokio::test]
+    async fn records_only_after_track_and_closes_on_finalize() {
+        let t = Tracked::new(Arc::new(Memory::new(10 * 4096, 4096)), 4096);
+        t.write_at(0, &[1; 10]).await.unwrap(); // before track: not recorded
+        t.track().await;
+        t.write_at(4096 * 2 + 100, &[2; 4096]).await.unwrap(); // spans 2 and 3
+        t.trim(4096 * 7, 4096).await.unwrap();
+        t.write_zeroes(4096 * 9, 1).await.unwrap();
+        t.track().await; // idempotent: keeps the record
+        let set = t.finalize().await.unwrap();
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![2, 3, 7, 9]);
+        let err = t.write_at(0, &[3; 4]).await.unwrap_err();
+        assert_eq!(err.errno(), crate::nbd::proto::NBD_EIO);
+        assert!(t.trim(0, 4096).await.is_err());
+        // Reads still work (post-copy pulls them), and finalize repeats.
+        let mut b = [0u8; 4];
+        t.read_at(0, &mut b).await.unwrap();
+        assert_eq!(b, [1; 4]);
+        assert_eq!(*t.finalize().await.unwrap(), *set);
+    }
+
+    #[tokio::test]
+    async fn finalize_waits_for_writes_in_flight() {
+        // A backend whose writes take a while: finalize must not return
+        // before the write it raced with is done and recorded.
+        struct Slow(Memory);
+        #[async_trait]
+        impl Backend for Slow {
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            async fn read_at(&self, o: u64, b: &mut [u8]) -> Result<()> {
+                self.0.read_at(o, b).await
+            }
+            async fn write_at(&self, o: u64, d: &[u8]) -> Result<()> {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                self.0.write_at(o, d).await
+            }
+            async fn flush(&self) -> Result<()> {
+                Ok(())
+            }
+            async fn trim(&self, o: u64, l: u64) -> Result<()> {
+                self.0.trim(o, l).await
+            }
+        }
+        let t = Arc::new(Tracked::new(Arc::new(Slow(Memory::new(8 * 512, 512))), 512));
+        t.track().await;
+        let w = {
+            let t = t.clone();
+            tokio::spawn(async move { t.write_at(512 * 5, &[9; 512]).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let set = t.finalize().await.unwrap();
+        assert!(w.await.unwrap().is_ok(), "the write in flight completes");
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![5]);
+        let mut b = [0u8; 512];
+        t.read_at(512 * 5, &mut b).await.unwrap();
+        assert_eq!(b, [9; 512]);
+    }
+}
