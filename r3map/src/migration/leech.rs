@@ -60,6 +60,7 @@ pub struct Phase {
 pub struct Leech {
     managed: Arc<Managed>,
     seed: Arc<SeedClient>,
+    control: super::seed::Client,
     fallback: Option<Arc<dyn Backend>>,
     chunk: u64,
     /// Serializes Finalize calls; holds the reply of the one that succeeded.
@@ -84,6 +85,11 @@ impl Leech {
             }
         }
         let ch = net::connect(&cfg.from, cfg.token.as_ref()).await?;
+        // Control calls get their own connection: on the data connection
+        // Finalize's reply would queue behind megabytes of chunk data in
+        // the HTTP/2 window, and that wait is downtime.
+        let control =
+            pb::seed_client::SeedClient::new(net::connect(&cfg.from, cfg.token.as_ref()).await?);
         let seed = SeedClient::connect(pb::seed_client::SeedClient::new(ch), cfg.patience).await?;
         let (size, chunk) = (seed.size(), seed.chunk_size());
         let fallback = match &cfg.fallback {
@@ -92,7 +98,7 @@ impl Leech {
         };
         // Track before the first read: every write the seed acknowledges
         // after this is in the dirty list.
-        seed.client().track(pb::TrackRequest {}).await?;
+        control.clone().track(pb::TrackRequest {}).await?;
         let seed = Arc::new(seed);
         let opts = managed::Options {
             chunk_size: chunk,
@@ -105,6 +111,7 @@ impl Leech {
         let leech = Arc::new(Leech {
             managed: Arc::new(m),
             seed,
+            control,
             fallback,
             chunk,
             finalize: tokio::sync::Mutex::new(None),
@@ -222,7 +229,7 @@ impl Leech {
         let asked = if self.seed.is_lost() {
             Err(Status::unavailable("seed already declared lost"))
         } else {
-            let mut c = self.seed.client();
+            let mut c = self.control.clone();
             match tokio::time::timeout(patience, c.finalize(pb::FinalizeRequest {})).await {
                 Ok(r) => r.map(|r| r.into_inner()),
                 Err(_) => Err(Status::deadline_exceeded("seed finalize timed out")),
