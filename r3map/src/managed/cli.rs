@@ -83,7 +83,6 @@ fn write_progress(path: &Path, m: &Managed) {
 
 /// Runs `r3map mount` until SIGINT/SIGTERM, then pushes everything and exits.
 pub async fn run(a: MountArgs) -> Result<(), Box<dyn std::error::Error>> {
-    crate::remote::tune_allocator();
     let remote = backend::open(&a.remote, a.size, a.chunk_size).await?;
     let opts = Options {
         chunk_size: a.chunk_size,

@@ -264,6 +264,8 @@ impl Managed {
         sink: Option<Arc<dyn Backend>>,
         opts: Options,
     ) -> Result<Managed> {
+        // Every fetch and push moves ~1 MiB buffers (mount, leech).
+        crate::remote::tune_allocator();
         let size = source.size();
         let chunk = opts.chunk_size;
         if chunk == 0 {

@@ -29,6 +29,8 @@ pub const READ_PIECE: u64 = 1 << 20;
 pub const MAX_ID_LEN: usize = 128;
 
 /// Keeps glibc from handing ~1 MiB buffers back to the kernel on free.
+/// Process-wide and idempotent: the region server, its clients, managed
+/// mounts and the relay call it.
 ///
 /// Every read piece, encode buffer and fetched chunk is a short-lived
 /// allocation of about 1 MiB. By default glibc serves those with mmap (or
