@@ -1003,3 +1003,219 @@ fn loopback_bandwidth(n: u64) -> f64 {
     rx.join().unwrap();
     n as f64 / t.elapsed().as_secs_f64()
 }
+
+/// A test CA issuing certificates (rcgen), as in tests/remote.rs.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_string());
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    /// Writes DIR/NAME.crt and DIR/NAME.key, returning their paths.
+    fn issue(
+        &self,
+        dir: &Path,
+        name: &str,
+        names: &[&str],
+        usage: rcgen::ExtendedKeyUsagePurpose,
+    ) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut p = rcgen::CertificateParams::new(names).unwrap();
+        p.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (s(c.display()), s(k.display()))
+    }
+}
+
+#[test]
+fn mutual_tls_without_token() {
+    require("nbdcopy");
+    let _g = serial();
+    let dir = tmp();
+    let d = dir.path();
+    let (size, chunk) = (8 * MIB, 256 * KIB);
+    let ca = Ca::new("r3map migration test CA");
+    let other = Ca::new("someone else's CA");
+    let ca_pem = s(d.join("ca.crt").display());
+    std::fs::write(&ca_pem, ca.cert.pem()).unwrap();
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    // "localhost" is the name a unix-socket endpoint is checked against.
+    let (scert, skey) = ca.issue(d, "server", &["localhost", "127.0.0.1"], ServerAuth);
+    let (ccert, ckey) = ca.issue(d, "client", &["node-1"], ClientAuth);
+    let (ocert, okey) = other.issue(d, "intruder", &["node-x"], ClientAuth);
+    let server_tls = [
+        s("--tls-cert"),
+        scert.clone(),
+        s("--tls-key"),
+        skey.clone(),
+        s("--client-ca"),
+        ca_pem.clone(),
+    ];
+    let client_tls = [
+        s("--ca"),
+        ca_pem.clone(),
+        s("--cert"),
+        ccert.clone(),
+        s("--key"),
+        ckey.clone(),
+    ];
+
+    // TLS without a client CA does not authenticate clients: an open
+    // listen is still refused.
+    let out = Command::new(r3map_bin())
+        .args([
+            "serve",
+            "--backend",
+            "memory:",
+            "--size",
+            "1MiB",
+            "--socket",
+        ])
+        .arg(d.join("x.sock"))
+        .args(["--seed-listen", "0.0.0.0:0"])
+        .args(&server_tls[..4])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "open listen with TLS but no client CA"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("without authentication"), "{err}");
+
+    let port = free_port();
+    let sock = d.join("a.sock");
+    let log = d.join("a.log");
+    let mut args = vec![
+        s("serve"),
+        s("--backend"),
+        s("memory:"),
+        s("--size"),
+        s(size),
+        s("--chunk-size"),
+        s(chunk),
+        s("--socket"),
+        s(sock.display()),
+        s("--seed-listen"),
+        format!("127.0.0.1:{port}"),
+    ];
+    args.extend_from_slice(&server_tls);
+    let mut src = spawn("r3map serve (mTLS source)", &args, &log);
+    wait_until("the source", &mut src, &log, || {
+        UnixStream::connect(&sock).is_ok()
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let first = fill(&sock, d, size, 21);
+    let from = format!("127.0.0.1:{port}");
+
+    // Leeches that cannot prove themselves are refused before tracking.
+    let refused = |tag: &str, tls: &[&str]| {
+        let out = Command::new(r3map_bin())
+            .args(["leech", "--from", &from, "--seed-timeout", "1s", "--cache"])
+            .arg(d.join(format!("{tag}.cache")))
+            .arg("--socket")
+            .arg(d.join(format!("{tag}.sock")))
+            .arg("--control")
+            .arg(d.join(format!("{tag}.ctl")))
+            .args(tls)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "leech {tag} was accepted: {err}");
+        eprintln!("leech {tag} refused: {}", err.trim());
+    };
+    refused("plain", &[]);
+    refused("nocert", &["--ca", &ca_pem]);
+    refused(
+        "intruder",
+        &["--ca", &ca_pem, "--cert", &ocert, "--key", &okey],
+    );
+    assert!(
+        !read_log(&log).contains("tracking writes"),
+        "a refused leech started tracking:\n{}",
+        read_log(&log)
+    );
+
+    // The leech serves its control endpoint with mTLS too.
+    let mut extra: Vec<String> = client_tls.to_vec();
+    extra.extend_from_slice(&server_tls);
+    let mut dst = start_leech(d, "b", &from, &extra);
+    // Writes at the source before finalize must arrive (dirty list over TLS).
+    let model = fill(&sock, d, size / 2, 22);
+    let mut want = first.clone();
+    want[..model.len()].copy_from_slice(&model);
+
+    let ctl = dst.ctl.clone();
+    let status = |tls: &[&str]| {
+        Command::new(r3map_bin())
+            .arg("migration-status")
+            .arg("--leech")
+            .arg(&ctl)
+            .args(tls)
+            .output()
+            .unwrap()
+    };
+    let out = status(&["--ca", &ca_pem]);
+    assert!(
+        !out.status.success(),
+        "control answered a client without a certificate"
+    );
+    let out = status(&["--ca", &ca_pem, "--cert", &ocert, "--key", &okey]);
+    assert!(
+        !out.status.success(),
+        "control answered a certificate from another CA"
+    );
+    let out = status(&[]);
+    assert!(!out.status.success(), "control answered plain HTTP/2");
+    let out = status(&["--ca", &ca_pem, "--cert", &ccert, "--key", &ckey]);
+    assert!(
+        out.status.success(),
+        "status with a good certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let tls: Vec<&str> = client_tls.iter().map(|a| a.as_str()).collect();
+    assert!(!finalize(&dst.ctl, &[]).status.success());
+    let mut fin = tls.clone();
+    fin.extend(["--wait", "--timeout", "60s"]);
+    let done = finalize_ok(&dst.ctl, &fin);
+    assert!(done.contains("complete"), "{done}");
+    println!(
+        "mTLS migration {size} bytes: {} dirty chunks at finalize, finalize call {} us",
+        field(&done, "dirty_chunks"),
+        field(&done, "call_us")
+    );
+    assert_same("destination", &read_export(&dst.sock, d), &want, chunk);
+    let st = src.stop();
+    assert!(st.success(), "source exited {st}:\n{}", read_log(&log));
+    assert_same(
+        "destination without its source",
+        &read_export(&dst.sock, d),
+        &want,
+        chunk,
+    );
+    let st = dst.proc.stop();
+    assert!(st.success(), "leech exited {st}:\n{}", read_log(&dst.log));
+}

@@ -11,7 +11,7 @@ use clap::Args;
 use tracing::{info, warn};
 
 use super::leech::{self, Leech, LeechService};
-use super::net::{self, Endpoint, Listener, ServerAuth, Token};
+use super::net::{self, ClientTls, Endpoint, Listener, ServerAuth, ServerTls, Token};
 use super::pb::{self, leech_server::LeechServer, seed_server::SeedServer};
 use super::seed::SeedService;
 use super::tracked::Tracked;
@@ -20,17 +20,80 @@ use crate::nbd::{server, Export, Server};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// TLS of a host's migration services (Seed, Leech control), as
+/// `r3map backend` has: the same flags, the same meaning.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServerTlsArgs {
+    /// TLS certificate chain (PEM) of the migration services
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM)
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Clients must present a certificate signed by this CA (mutual TLS)
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    fn get(&self) -> Option<ServerTls> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn given(&self) -> bool {
+        self.tls_cert.is_some() || self.tls_key.is_some() || self.client_ca.is_some()
+    }
+}
+
+/// TLS of a client of the migration services, as the `ca`, `cert`, `key`
+/// and `tls-name` parameters of an `r3map://` URI.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// Use TLS; the server's certificate must chain to this CA (PEM)
+    #[arg(long, value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a server with --client-ca
+    #[arg(long, value_name = "PEM", requires = "ca", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Name the server's certificate carries, when not the host dialled
+    #[arg(long, value_name = "NAME", requires = "ca")]
+    pub tls_name: Option<String>,
+}
+
+impl ClientTlsArgs {
+    fn get(&self) -> Option<ClientTls> {
+        self.ca.as_ref().map(|ca| ClientTls {
+            ca: ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            server_name: self.tls_name.clone(),
+        })
+    }
+}
+
 /// Options of `r3map serve` that make it a migration source.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SeedArgs {
     /// Also serve the migration `Seed` service here (HOST:PORT or a unix
     /// socket path), so a destination can `r3map leech --from` this region.
-    /// A non-loopback address needs --token-file.
+    /// A non-loopback address needs --token-file or --client-ca.
     #[arg(long, value_name = "HOST:PORT|PATH")]
     pub seed_listen: Option<Endpoint>,
     /// File holding the shared bearer token of the migration services.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
 }
 
 /// The running Seed service of a `serve`; stops when dropped.
@@ -45,9 +108,14 @@ impl Drop for SeedHandle {
 }
 
 /// Spawns the Seed service over `region` on a bound listener.
-fn spawn_seed(l: Listener, region: Arc<Tracked>, token: Option<&Token>) -> SeedHandle {
+fn spawn_seed(
+    l: Listener,
+    region: Arc<Tracked>,
+    token: Option<&Token>,
+    tls: Option<&ServerTls>,
+) -> Result<SeedHandle, BoxError> {
     let stop = tokio_util::sync::CancellationToken::new();
-    let router = net::server().add_service(SeedServer::with_interceptor(
+    let router = net::server(tls)?.add_service(SeedServer::with_interceptor(
         SeedService::new(region),
         ServerAuth::new(token),
     ));
@@ -59,7 +127,7 @@ fn spawn_seed(l: Listener, region: Arc<Tracked>, token: Option<&Token>) -> SeedH
             warn!(error = %e, "Seed service ended");
         }
     });
-    SeedHandle { stop }
+    Ok(SeedHandle { stop })
 }
 
 /// For `serve`: with `--seed-listen`, wraps `backend` in [`Tracked`] and
@@ -70,15 +138,18 @@ pub async fn seed_wrap(
     chunk: u64,
 ) -> Result<(Arc<dyn Backend>, Option<SeedHandle>), BoxError> {
     let Some(ep) = &a.seed_listen else {
-        if a.token_file.is_some() {
-            return Err("--token-file is for --seed-listen".into());
+        if a.token_file.is_some() || a.tls.given() {
+            return Err(
+                "--token-file, --tls-cert, --tls-key and --client-ca are for --seed-listen".into(),
+            );
         }
         return Ok((backend, None));
     };
     let token = net::token(a.token_file.as_deref())?;
-    let l = Listener::bind(ep, token.as_ref()).await?;
+    let tls = a.tls.get();
+    let l = Listener::bind(ep, token.as_ref(), tls.as_ref()).await?;
     let region = Arc::new(Tracked::new(backend, chunk));
-    let h = spawn_seed(l, region.clone(), token.as_ref());
+    let h = spawn_seed(l, region.clone(), token.as_ref(), tls.as_ref())?;
     Ok((region, Some(h)))
 }
 
@@ -110,6 +181,12 @@ pub struct LeechArgs {
     /// own control and Seed services
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS to the seed (--from)
+    #[command(flatten)]
+    pub from_tls: ClientTlsArgs,
+    /// TLS of this leech's own control and Seed services
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
     /// Also serve Seed, so the next migration can pull from here (chains)
     #[arg(long, value_name = "HOST:PORT|PATH")]
     pub seed_listen: Option<Endpoint>,
@@ -132,14 +209,15 @@ fn duration(s: &str) -> Result<Duration, String> {
 /// migration cannot complete before finalize, or was stopped before it.
 pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
     let token = net::token(a.token_file.as_deref())?;
+    let tls = a.tls.get();
     if a.pull_workers == 0 {
         return Err("--pull-workers must be at least 1: a migration pulls everything".into());
     }
     // Bind every listener before contacting the seed: a bad flag must not
     // start tracking at the source.
-    let ctl = Listener::bind(&a.control, token.as_ref()).await?;
+    let ctl = Listener::bind(&a.control, token.as_ref(), tls.as_ref()).await?;
     let seed_l = match &a.seed_listen {
-        Some(ep) => Some(Listener::bind(ep, token.as_ref()).await?),
+        Some(ep) => Some(Listener::bind(ep, token.as_ref(), tls.as_ref()).await?),
         None => None,
     };
     let mut _socket_file = None;
@@ -158,6 +236,7 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
     let leech = Leech::start(leech::Config {
         from: a.from.clone(),
         token: token.clone(),
+        tls: a.from_tls.get(),
         cache: a.cache.clone(),
         fallback: a.backend.clone(),
         patience: a.seed_timeout,
@@ -180,7 +259,7 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
     };
     let stop = tokio_util::sync::CancellationToken::new();
     {
-        let router = net::server().add_service(LeechServer::with_interceptor(
+        let router = net::server(tls.as_ref())?.add_service(LeechServer::with_interceptor(
             LeechService(leech.clone()),
             ServerAuth::new(token.as_ref()),
         ));
@@ -192,7 +271,10 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
             }
         });
     }
-    let _seed = seed_l.map(|l| spawn_seed(l, region.clone(), token.as_ref()));
+    let _seed = match seed_l {
+        Some(l) => Some(spawn_seed(l, region.clone(), token.as_ref(), tls.as_ref())?),
+        None => None,
+    };
     println!(
         "r3map: leech of {} ({} bytes) serving export {:?}, held until finalize",
         a.from,
@@ -250,6 +332,8 @@ pub struct FinalizeArgs {
     /// Bearer token file, if the leech has one
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// The source is dead and fenced: finalize without its dirty list,
     /// taking every chunk again from the leech's --backend
     #[arg(long)]
@@ -266,7 +350,7 @@ pub struct FinalizeArgs {
 /// second one when the destination holds every chunk.
 pub async fn run_finalize(a: FinalizeArgs) -> Result<(), BoxError> {
     let token = net::token(a.token_file.as_deref())?;
-    let ch = net::connect(&a.leech, token.as_ref()).await?;
+    let ch = net::connect(&a.leech, token.as_ref(), a.tls.get().as_ref()).await?;
     let mut c = pb::leech_client::LeechClient::new(ch);
     let t = Instant::now();
     let r = c
@@ -323,12 +407,14 @@ pub struct StatusArgs {
     /// Bearer token file, if the leech has one
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 /// `r3map migration-status`: one line of `key=value`s.
 pub async fn run_status(a: StatusArgs) -> Result<(), BoxError> {
     let token = net::token(a.token_file.as_deref())?;
-    let ch = net::connect(&a.leech, token.as_ref()).await?;
+    let ch = net::connect(&a.leech, token.as_ref(), a.tls.get().as_ref()).await?;
     let s = pb::leech_client::LeechClient::new(ch)
         .status(pb::StatusRequest {})
         .await

@@ -38,6 +38,8 @@ pub enum LeechError {
 pub struct Config {
     pub from: Endpoint,
     pub token: Option<Token>,
+    /// TLS to the seed (with a client certificate for mutual TLS).
+    pub tls: Option<super::net::ClientTls>,
     pub cache: PathBuf,
     /// The region's own backend URI: where chunks come from if the seed is
     /// lost, and where the destination pushes its writes.
@@ -84,12 +86,12 @@ impl Leech {
                 )));
             }
         }
-        let ch = net::connect(&cfg.from, cfg.token.as_ref()).await?;
+        let (token, tls) = (cfg.token.as_ref(), cfg.tls.as_ref());
+        let ch = net::connect(&cfg.from, token, tls).await?;
         // Control calls get their own connection: on the data connection
         // Finalize's reply would queue behind megabytes of chunk data in
         // the HTTP/2 window, and that wait is downtime.
-        let control =
-            pb::seed_client::SeedClient::new(net::connect(&cfg.from, cfg.token.as_ref()).await?);
+        let control = pb::seed_client::SeedClient::new(net::connect(&cfg.from, token, tls).await?);
         let seed = SeedClient::connect(pb::seed_client::SeedClient::new(ch), cfg.patience).await?;
         let (size, chunk) = (seed.size(), seed.chunk_size());
         let fallback = match &cfg.fallback {

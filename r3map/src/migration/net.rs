@@ -1,6 +1,8 @@
 //! Where the migration services listen and how clients reach them: a unix
-//! socket path or HOST:PORT, with a bearer token when given one. A TCP
-//! listener on a non-loopback address is refused without a token.
+//! socket path or HOST:PORT, with a bearer token and/or (mutual) TLS, the
+//! same `crate::auth` helpers as the remote region service. A TCP listener
+//! on a non-loopback address is refused unless clients must authenticate
+//! (a token or a client CA).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
-pub use crate::auth::{ClientAuth, ServerAuth, Token};
+pub use crate::auth::{ClientAuth, ClientTls, ServerAuth, ServerTls, Token};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -67,16 +69,35 @@ pub fn token(path: Option<&Path>) -> Result<Option<Token>, NetError> {
 
 pub type AuthedChannel = InterceptedService<Channel, ClientAuth>;
 
-/// Opens a channel to `ep`. Large HTTP/2 windows keep chunk streams moving
-/// across a round-trip time; keepalives notice a peer that vanished
-/// without closing its connection.
-pub async fn connect(ep: &Endpoint, token: Option<&Token>) -> Result<AuthedChannel, NetError> {
+/// The host part of an endpoint, which the server's certificate must name
+/// (unless `--tls-name` says otherwise). A unix socket has no host:
+/// "localhost" stands in.
+fn tls_host(ep: &Endpoint) -> &str {
+    match ep {
+        Endpoint::Tcp(a) => {
+            let h = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+            h.trim_start_matches('[').trim_end_matches(']')
+        }
+        Endpoint::Unix(_) => "localhost",
+    }
+}
+
+/// Opens a channel to `ep`, over TLS when `tls` is given. Large HTTP/2
+/// windows keep chunk streams moving across a round-trip time; keepalives
+/// notice a peer that vanished without closing its connection.
+pub async fn connect(
+    ep: &Endpoint,
+    token: Option<&Token>,
+    tls: Option<&ClientTls>,
+) -> Result<AuthedChannel, NetError> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let uri = match ep {
-        Endpoint::Tcp(a) => format!("http://{a}"),
-        // The authority is ignored: the connector below dials the socket.
-        Endpoint::Unix(_) => "http://localhost".to_string(),
+        Endpoint::Tcp(a) => format!("{scheme}://{a}"),
+        // The authority is ignored: the connector below dials the socket
+        // (and tonic layers TLS over it for https).
+        Endpoint::Unix(_) => format!("{scheme}://localhost"),
     };
-    let e = TonicEndpoint::from_shared(uri)
+    let mut e = TonicEndpoint::from_shared(uri)
         .map_err(|e| NetError::Config(format!("{ep}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -85,6 +106,14 @@ pub async fn connect(ep: &Endpoint, token: Option<&Token>) -> Result<AuthedChann
         .keep_alive_while_idle(true)
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(64 << 20);
+    if let Some(t) = tls {
+        let c = t
+            .config(tls_host(ep))
+            .map_err(|e| NetError::Config(e.to_string()))?;
+        e = e
+            .tls_config(c)
+            .map_err(|e| NetError::Config(format!("{ep}: TLS: {e}")))?;
+    }
     let wrap = |source| NetError::Connect {
         to: ep.to_string(),
         source,
@@ -116,15 +145,19 @@ pub enum Listener {
 
 impl Listener {
     /// Binds `ep`. Refuses a TCP address other hosts can reach unless a
-    /// token guards it; a unix socket is made owner-only.
-    pub async fn bind(ep: &Endpoint, token: Option<&Token>) -> Result<Listener, NetError> {
+    /// token or a client CA guards it; a unix socket is made owner-only.
+    pub async fn bind(
+        ep: &Endpoint,
+        token: Option<&Token>,
+        tls: Option<&ServerTls>,
+    ) -> Result<Listener, NetError> {
         match ep {
             Endpoint::Tcp(a) => {
                 let addr: SocketAddr = tokio::net::lookup_host(a.as_str())
                     .await?
                     .next()
                     .ok_or_else(|| NetError::Config(format!("{a} resolves to nothing")))?;
-                crate::auth::check_listen(addr, token, None)
+                crate::auth::check_listen(addr, token, tls)
                     .map_err(|e| NetError::Config(e.to_string()))?;
                 Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?))
             }
@@ -168,14 +201,24 @@ impl Listener {
     }
 }
 
-/// A server builder with windows matching the client's.
-pub fn server() -> tonic::transport::Server {
-    tonic::transport::Server::builder()
+/// A server builder with windows matching the client's, serving TLS when
+/// `tls` is given (with a client CA: only clients holding a certificate
+/// it signed complete the handshake).
+pub fn server(tls: Option<&ServerTls>) -> Result<tonic::transport::Server, NetError> {
+    let s = tonic::transport::Server::builder()
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(64 << 20)
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+    match tls {
+        None => Ok(s),
+        Some(t) => {
+            let c = t.config().map_err(|e| NetError::Config(e.to_string()))?;
+            s.tls_config(c)
+                .map_err(|e| NetError::Config(format!("TLS: {e}")))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -198,5 +241,14 @@ mod tests {
         );
         assert!("x.sock".parse::<Endpoint>().is_err());
         assert!("host:notaport".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
+    fn tls_hosts() {
+        let h = |s: &str| tls_host(&s.parse().unwrap()).to_string();
+        assert_eq!(h("node-1.example:7000"), "node-1.example");
+        assert_eq!(h("127.0.0.1:7000"), "127.0.0.1");
+        assert_eq!(h("[::1]:7000"), "::1");
+        assert_eq!(h("/run/x.sock"), "localhost");
     }
 }
