@@ -61,8 +61,9 @@ async fn pump(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, delay: Duration) ->
         wr.shutdown().await
     });
     loop {
-        let mut buf = vec![0u8; 256 << 10];
-        let n = match rd.read(&mut buf).await {
+        // Not zero-filled: a read often returns far less than 256 KiB.
+        let mut buf = Vec::with_capacity(256 << 10);
+        let n = match rd.read_buf(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
                 let _ = tx.send((Instant::now() + delay, Vec::new())).await;
