@@ -164,19 +164,11 @@ async fn serve(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         a.backend, a.size, a.name
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
-        _ = term.recv() => info!("SIGTERM"),
+        r = server::termination_signal() => { r?; }
         r = accept => { r??; }
     }
-    srv.shutdown();
-    if tokio::time::timeout(Duration::from_secs(10), srv.wait())
-        .await
-        .is_err()
-    {
-        info!("connections still busy after 10 s; flushing anyway");
-    }
+    srv.drain().await;
     srv.flush_all().await?;
     info!("flushed; exiting");
     Ok(())

@@ -108,7 +108,7 @@ impl Backend for FileBackend {
 /// Makes `len` bytes at `offset` of `file` read as zeros, freeing their
 /// blocks. Where the filesystem cannot punch holes, writes zeros instead:
 /// a trim must read back as zeros either way.
-pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> Result<()> {
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> Result<()> {
     let res = fallocate(
         std::os::fd::AsRawFd::as_raw_fd(file),
         FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,

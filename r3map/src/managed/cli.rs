@@ -127,19 +127,11 @@ pub async fn run(a: MountArgs) -> Result<(), Box<dyn std::error::Error>> {
         a.name
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
-        _ = term.recv() => info!("SIGTERM"),
+        r = crate::nbd::server::termination_signal() => { r?; }
         r = accept => { r??; }
     }
-    srv.shutdown();
-    if tokio::time::timeout(Duration::from_secs(10), srv.wait())
-        .await
-        .is_err()
-    {
-        info!("connections still busy after 10 s; pushing anyway");
-    }
+    srv.drain().await;
     // Whatever the durability mode, a clean exit leaves nothing unpushed.
     let res = m.sync().await;
     m.close().await;

@@ -987,31 +987,6 @@ fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Zeros a range of the cache, freeing its blocks where the filesystem can.
-fn punch(f: &File, off: u64, len: u64) -> std::io::Result<()> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    let r = fallocate(
-        std::os::fd::AsRawFd::as_raw_fd(f),
-        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-        off as i64,
-        len as i64,
-    );
-    match r {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => {
-            let zeros = vec![0u8; len.min(1 << 20) as usize];
-            let mut pos = off;
-            while pos < off + len {
-                let n = (off + len - pos).min(zeros.len() as u64);
-                f.write_all_at(&zeros[..n as usize], pos)?;
-                pos += n;
-            }
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 #[async_trait]
 impl Backend for Managed {
     fn size(&self) -> u64 {
@@ -1084,7 +1059,11 @@ impl Backend for Managed {
         for (i, within, _, n) in chunk_spans(offset, len, inner.chunk) {
             let off = i * inner.chunk + within;
             let cache = &inner.cache;
-            inner.mutate(i, within, n, &|| punch(cache, off, n)).await?;
+            inner
+                .mutate(i, within, n, &|| {
+                    crate::backend::file::punch_hole(cache, off, n).map_err(std::io::Error::from)
+                })
+                .await?;
         }
         Ok(())
     }

@@ -297,12 +297,7 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
     srv.shutdown();
     let ph = leech.phase().borrow().clone();
     if res.is_ok() || ph.finalized {
-        if tokio::time::timeout(Duration::from_secs(10), srv.wait())
-            .await
-            .is_err()
-        {
-            info!("connections still busy after 10 s; syncing anyway");
-        }
+        srv.drain().await;
         if ph.finalized {
             // Push what was written here to the region's backend, if any.
             if let Err(e) = leech.managed().sync().await {

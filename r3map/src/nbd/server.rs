@@ -177,6 +177,19 @@ impl Server {
         self.inner.tracker.wait().await;
     }
 
+    /// Stops the server, then waits up to 10 s for its connections to end;
+    /// false when some were still busy (the caller flushes anyway).
+    pub async fn drain(&self) -> bool {
+        self.shutdown();
+        let done = tokio::time::timeout(std::time::Duration::from_secs(10), self.wait())
+            .await
+            .is_ok();
+        if !done {
+            info!("connections still busy after 10 s");
+        }
+        done
+    }
+
     /// Flushes every export's backend.
     pub async fn flush_all(&self) -> crate::Result<()> {
         for e in self.inner.exports.values() {
@@ -228,4 +241,16 @@ impl Drop for SocketFile {
 fn _assert_send(s: Server, t: TcpStream) {
     fn is_send<T: Send>(_: T) {}
     is_send(s.serve_stream(t));
+}
+
+/// Waits for SIGINT or SIGTERM and says which; the way every long-running
+/// r3map command ends cleanly.
+pub async fn termination_signal() -> io::Result<&'static str> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let which = tokio::select! {
+        r = tokio::signal::ctrl_c() => { r?; "SIGINT" }
+        _ = term.recv() => "SIGTERM",
+    };
+    info!("{which}");
+    Ok(which)
 }
