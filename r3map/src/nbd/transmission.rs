@@ -3,8 +3,10 @@
 //! one writer sends replies in the order they complete, batching them into
 //! as few syscalls as the queue allows.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
@@ -181,7 +183,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 reply_now(tx, ctx, req, e, msg).await;
                 continue;
             }
-            spawn_request(tx, ctx, req, data, permit);
+            start_request(tx, ctx, req, data, permit).await;
             continue;
         }
 
@@ -209,7 +211,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 .acquire_many_owned(cost(0))
                 .await
                 .expect("semaphore open");
-            spawn_request(tx, ctx, req, Vec::new(), permit);
+            start_request(tx, ctx, req, Vec::new(), permit).await;
             continue;
         }
         if req.offset.checked_add(len).is_none_or(|e| e > size) {
@@ -248,7 +250,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             .acquire_many_owned(c)
             .await
             .expect("semaphore open");
-        spawn_request(tx, ctx, req, Vec::new(), permit);
+        start_request(tx, ctx, req, Vec::new(), permit).await;
     }
 }
 
@@ -277,21 +279,28 @@ async fn read_header<R: AsyncRead + Unpin>(
     Ok(true)
 }
 
-fn spawn_request(
+async fn start_request(
     tx: &mpsc::Sender<Reply>,
     ctx: &Arc<Ctx>,
     req: Request,
     data: Vec<u8>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let tx = tx.clone();
-    let ctx = ctx.clone();
-    tokio::spawn(async move {
+    let (tx, ctx) = (tx.clone(), ctx.clone());
+    let mut job = Box::pin(async move {
         let reply = execute(&ctx, req, data).await;
         // The client may be gone; the work is done either way.
         let _ = tx.send(reply).await;
         drop(permit);
     });
+    // Most requests on RAM or the page cache finish without waiting: run
+    // them right here, saving a task spawn and the wake-up of another
+    // worker (a few microseconds of a 4 KiB round trip). Only a request
+    // that would wait gets a task of its own, so the reader goes on.
+    let done = std::future::poll_fn(|cx| Poll::Ready(job.as_mut().poll(cx).is_ready())).await;
+    if !done {
+        tokio::spawn(job);
+    }
 }
 
 async fn execute(ctx: &Ctx, req: Request, data: Vec<u8>) -> Reply {
