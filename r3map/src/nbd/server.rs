@@ -159,6 +159,9 @@ impl Server {
                 debug!("connected");
                 match this.serve_stream(sock).await {
                     Ok(()) => debug!("disconnected"),
+                    // Clients often hang up without DISC (the kernel, nbdcopy):
+                    // not worth a warning; requests in flight were finished.
+                    Err(e) if is_hangup(&e) => debug!(error = %e, "client hung up"),
                     Err(e) => warn!(error = %e, "connection ended with an error"),
                 }
             }
@@ -197,6 +200,13 @@ impl Server {
         }
         Ok(())
     }
+}
+
+fn is_hangup(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// Binds a TCP listener, refusing addresses other hosts could reach: NBD
