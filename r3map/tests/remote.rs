@@ -270,7 +270,7 @@ async fn conformance_over_remote_backend() {
         .write(pb::WriteRequest {
             region: "conf".into(),
             offset: size - 1,
-            data: vec![1, 2],
+            data: vec![1, 2].into(),
         })
         .await;
     assert_eq!(code(r), Code::OutOfRange);
@@ -302,7 +302,7 @@ async fn refusals_and_streamed_reads() {
     let too_big = pb::WriteRequest {
         region: "r".into(),
         offset: 0,
-        data: vec![7u8; (max + 1) as usize],
+        data: vec![7u8; (max + 1) as usize].into(),
     };
     assert_eq!(code(c.grpc().write(too_big).await), Code::InvalidArgument);
     let r = c
@@ -339,7 +339,7 @@ async fn refusals_and_streamed_reads() {
     let w = pb::WriteRequest {
         region: "r".into(),
         offset: 12345,
-        data: data.clone(),
+        data: data.clone().into(),
     };
     c.grpc().write(w).await.unwrap();
     let mut s = c

@@ -87,7 +87,9 @@ impl seed_server::Seed for SeedService {
                 let n = (end - pos).min(PIECE);
                 let mut buf = vec![0u8; n as usize];
                 let r = region.read_at(pos, &mut buf).await;
-                let item = r.map(|()| pb::ReadReply { data: buf }).map_err(status);
+                let item = r
+                    .map(|()| pb::ReadReply { data: buf.into() })
+                    .map_err(status);
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() || failed {
                     return;

@@ -390,7 +390,7 @@ impl Backend for RemoteBackend {
             let req = WriteRequest {
                 region: self.region.clone(),
                 offset: offset + pos as u64,
-                data: part.to_vec(),
+                data: prost::bytes::Bytes::copy_from_slice(part),
             };
             self.grpc.clone().write(req).await.map_err(status_error)?;
             pos += part.len();

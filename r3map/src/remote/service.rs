@@ -294,7 +294,10 @@ impl RegionStore for Handle {
                 let n = READ_PIECE.min(end - pos);
                 let mut data = vec![0u8; n as usize];
                 let item = match b.read_at(pos, &mut data).await {
-                    Ok(()) => Ok(ReadChunk { offset: pos, data }),
+                    Ok(()) => Ok(ReadChunk {
+                        offset: pos,
+                        data: data.into(),
+                    }),
                     Err(e) => Err(Status::from(RemoteError::from(e))),
                 };
                 let failed = item.is_err();
