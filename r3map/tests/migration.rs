@@ -1004,51 +1004,6 @@ fn loopback_bandwidth(n: u64) -> f64 {
     n as f64 / t.elapsed().as_secs_f64()
 }
 
-/// A test CA issuing certificates (rcgen), as in tests/remote.rs.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, name.to_string());
-        p.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    /// Writes DIR/NAME.crt and DIR/NAME.key, returning their paths.
-    fn issue(
-        &self,
-        dir: &Path,
-        name: &str,
-        names: &[&str],
-        usage: rcgen::ExtendedKeyUsagePurpose,
-    ) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut p = rcgen::CertificateParams::new(names).unwrap();
-        p.extended_key_usages = vec![usage];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        let (c, k) = (
-            dir.join(format!("{name}.crt")),
-            dir.join(format!("{name}.key")),
-        );
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (s(c.display()), s(k.display()))
-    }
-}
-
 #[test]
 fn mutual_tls_without_token() {
     require("nbdcopy");
@@ -1056,15 +1011,16 @@ fn mutual_tls_without_token() {
     let dir = tmp();
     let d = dir.path();
     let (size, chunk) = (8 * MIB, 256 * KIB);
-    let ca = Ca::new("r3map migration test CA");
-    let other = Ca::new("someone else's CA");
+    let ca = common::TestCa::new("r3map migration test CA");
+    let other = common::TestCa::new("someone else's CA");
     let ca_pem = s(d.join("ca.crt").display());
     std::fs::write(&ca_pem, ca.cert.pem()).unwrap();
     use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
     // "localhost" is the name a unix-socket endpoint is checked against.
-    let (scert, skey) = ca.issue(d, "server", &["localhost", "127.0.0.1"], ServerAuth);
-    let (ccert, ckey) = ca.issue(d, "client", &["node-1"], ClientAuth);
-    let (ocert, okey) = other.issue(d, "intruder", &["node-x"], ClientAuth);
+    let pems = |(c, k): (PathBuf, PathBuf)| (s(c.display()), s(k.display()));
+    let (scert, skey) = pems(ca.issue(d, "server", &["localhost", "127.0.0.1"], ServerAuth));
+    let (ccert, ckey) = pems(ca.issue(d, "client", &["node-1"], ClientAuth));
+    let (ocert, okey) = pems(other.issue(d, "intruder", &["node-x"], ClientAuth));
     let server_tls = [
         s("--tls-cert"),
         scert.clone(),

@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, r3map_bin, require, run, serve, sock, tmp, Addr, Proc, RedisServer};
+use common::{
+    free_port, r3map_bin, require, run, serve, sock, tmp, Addr, Proc, RedisServer, TestCa,
+};
 use r3map::auth::ClientTls;
 use r3map::backend::{Backend, Error as BackendError};
 use r3map::remote::client::{Client, ConnectOptions};
@@ -414,70 +416,18 @@ async fn token_auth() {
     assert!(r3map::backend::open(&uri, MIB, MIB).await.is_err());
 }
 
-/// PEM of a certificate and its key.
-struct Pem {
-    cert: String,
-    key: String,
-}
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, name.to_string());
-        p.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn issue(&self, names: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) -> Pem {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut p = rcgen::CertificateParams::new(names).unwrap();
-        p.extended_key_usages = vec![usage];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        Pem {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-}
-
-fn save(dir: &Path, name: &str, pem: &Pem) -> (PathBuf, PathBuf) {
-    let c = dir.join(format!("{name}.crt"));
-    let k = dir.join(format!("{name}.key"));
-    std::fs::write(&c, &pem.cert).unwrap();
-    std::fs::write(&k, &pem.key).unwrap();
-    (c, k)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls() {
     let dir = tmp();
     let d = dir.path();
-    let ca = Ca::new("r3map test CA");
-    let other = Ca::new("someone else's CA");
+    let ca = TestCa::new("r3map test CA");
+    let other = TestCa::new("someone else's CA");
     let ca_pem = d.join("ca.crt");
     std::fs::write(&ca_pem, ca.cert.pem()).unwrap();
     use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
-    let (scert, skey) = save(
-        d,
-        "server",
-        &ca.issue(&["localhost", "127.0.0.1"], ServerAuth),
-    );
-    let (ccert, ckey) = save(d, "client", &ca.issue(&["node-1"], ClientAuth));
-    let (ocert, okey) = save(d, "intruder", &other.issue(&["node-x"], ClientAuth));
+    let (scert, skey) = ca.issue(d, "server", &["localhost", "127.0.0.1"], ServerAuth);
+    let (ccert, ckey) = ca.issue(d, "client", &["node-1"], ClientAuth);
+    let (ocert, okey) = other.issue(d, "intruder", &["node-x"], ClientAuth);
 
     let srv = Server::start(
         "memory:",

@@ -227,3 +227,50 @@ pub fn tmp() -> tempfile::TempDir {
 pub fn sock(dir: &Path) -> PathBuf {
     dir.join("nbd.sock")
 }
+
+/// A certificate authority for TLS tests (rcgen), issuing server and
+/// client certificates into files.
+pub struct TestCa {
+    pub cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_string());
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        TestCa { cert, key }
+    }
+
+    /// Issues a certificate for `names` and writes DIR/NAME.crt and
+    /// DIR/NAME.key, returning their paths.
+    pub fn issue(
+        &self,
+        dir: &Path,
+        name: &str,
+        names: &[&str],
+        usage: rcgen::ExtendedKeyUsagePurpose,
+    ) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut p = rcgen::CertificateParams::new(names).unwrap();
+        p.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
