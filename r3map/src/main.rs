@@ -139,25 +139,15 @@ async fn serve(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| e as Box<dyn std::error::Error>)?;
     let srv = Server::single(Export::new(a.name.clone(), backend).read_only(a.read_only));
 
-    let mut _socket_file = None;
-    let accept = {
-        let srv = srv.clone();
-        if let Some(path) = &a.socket {
-            let l = server::bind_unix(path)?;
-            _socket_file = Some(server::SocketFile(path.clone()));
-            tokio::spawn(async move { srv.listen_unix(l).await })
-        } else if let Some(addr) = a.listen {
-            let l = server::bind_tcp(addr).await?;
-            tokio::spawn(async move { srv.listen_tcp(l).await })
-        } else {
-            let fd = a.fd.expect("clap requires one transport");
-            // SAFETY: the caller handed us this descriptor to own.
-            let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-            std.set_nonblocking(true)?;
-            let conn = srv.spawn_connected(tokio::net::UnixStream::from_std(std)?);
-            // One connection: serve until it ends.
-            tokio::spawn(async move { conn.await.map_err(std::io::Error::other) })
-        }
+    let accept = if let Some(fd) = a.fd {
+        // SAFETY: the caller handed us this descriptor to own.
+        let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+        std.set_nonblocking(true)?;
+        let conn = srv.spawn_connected(tokio::net::UnixStream::from_std(std)?);
+        // One connection: serve until it ends.
+        tokio::spawn(async move { conn.await.map_err(std::io::Error::other) })
+    } else {
+        srv.spawn_accept(server::NbdListener::bind(a.socket.as_deref(), a.listen).await?)
     };
     println!(
         "r3map: serving {} ({} bytes) as export {:?}",

@@ -95,19 +95,7 @@ pub async fn run(a: MountArgs) -> Result<(), Box<dyn std::error::Error>> {
     let m = Arc::new(Managed::open(&a.cache, remote.clone(), Some(remote), opts)?);
     let srv = Server::single(Export::new(a.name.clone(), m.clone()));
 
-    let mut _socket_file = None;
-    let accept = {
-        let srv = srv.clone();
-        if let Some(path) = &a.socket {
-            let l = server::bind_unix(path)?;
-            _socket_file = Some(server::SocketFile(path.clone()));
-            tokio::spawn(async move { srv.listen_unix(l).await })
-        } else {
-            let addr = a.listen.expect("clap requires one transport");
-            let l = server::bind_tcp(addr).await?;
-            tokio::spawn(async move { srv.listen_tcp(l).await })
-        }
-    };
+    let accept = srv.spawn_accept(server::NbdListener::bind(a.socket.as_deref(), a.listen).await?);
     let ppath = progress_path(&a.cache);
     let reporter = {
         let (m, ppath) = (m.clone(), ppath.clone());

@@ -220,18 +220,8 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
         Some(ep) => Some(Listener::bind(ep, token.as_ref(), tls.as_ref()).await?),
         None => None,
     };
-    let mut _socket_file = None;
-    enum Nbd {
-        Unix(tokio::net::UnixListener),
-        Tcp(tokio::net::TcpListener),
-    }
-    let nbd_l = if let Some(p) = &a.socket {
-        let l = server::bind_unix(p)?;
-        _socket_file = Some(server::SocketFile(p.clone()));
-        Nbd::Unix(l)
-    } else {
-        Nbd::Tcp(server::bind_tcp(a.listen.expect("clap requires one transport")).await?)
-    };
+    // Bound before the leech starts, so a busy address fails at once.
+    let nbd_l = server::NbdListener::bind(a.socket.as_deref(), a.listen).await?;
 
     let leech = Leech::start(leech::Config {
         from: a.from.clone(),
@@ -250,13 +240,7 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
         leech.chunk_size(),
     ));
     let srv = Server::single(Export::new(a.name.clone(), region.clone()));
-    let accept = {
-        let srv = srv.clone();
-        match nbd_l {
-            Nbd::Unix(l) => tokio::spawn(async move { srv.listen_unix(l).await }),
-            Nbd::Tcp(l) => tokio::spawn(async move { srv.listen_tcp(l).await }),
-        }
-    };
+    let accept = srv.spawn_accept(nbd_l);
     let stop = tokio_util::sync::CancellationToken::new();
     {
         let router = net::server(tls.as_ref())?.add_service(LeechServer::with_interceptor(

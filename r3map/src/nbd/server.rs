@@ -169,6 +169,17 @@ impl Server {
         );
     }
 
+    /// Accepts on `l` in the background until [`Server::shutdown`].
+    pub fn spawn_accept(&self, l: NbdListener) -> tokio::task::JoinHandle<io::Result<()>> {
+        let srv = self.clone();
+        tokio::spawn(async move {
+            match l {
+                NbdListener::Unix(l, _file) => srv.listen_unix(l).await,
+                NbdListener::Tcp(l) => srv.listen_tcp(l).await,
+            }
+        })
+    }
+
     /// Stops accepting and reading new requests; requests in flight finish.
     pub fn shutdown(&self) {
         self.inner.shutdown.cancel();
@@ -236,6 +247,34 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         }
     }
     UnixListener::bind(path)
+}
+
+/// A bound NBD listener: a unix socket (its file removed when the
+/// listener is dropped) or a loopback TCP port.
+pub enum NbdListener {
+    Unix(UnixListener, SocketFile),
+    Tcp(TcpListener),
+}
+
+impl NbdListener {
+    /// Binds the unix socket at `socket` if given, else the loopback TCP
+    /// address `listen` (the CLI requires one of them).
+    pub async fn bind(
+        socket: Option<&Path>,
+        listen: Option<SocketAddr>,
+    ) -> io::Result<NbdListener> {
+        match (socket, listen) {
+            (Some(path), _) => Ok(NbdListener::Unix(
+                bind_unix(path)?,
+                SocketFile(path.to_path_buf()),
+            )),
+            (None, Some(addr)) => Ok(NbdListener::Tcp(bind_tcp(addr).await?)),
+            (None, None) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "give a unix socket path or a loopback TCP address",
+            )),
+        }
+    }
 }
 
 /// Removes the socket file on drop.
