@@ -35,16 +35,12 @@ impl Error {
     pub fn errno(&self) -> u32 {
         match self {
             Error::OutOfRange { .. } => crate::nbd::proto::NBD_EINVAL,
-            Error::Io(e) if e.raw_os_error() == Some(libc_enospc()) => {
+            Error::Io(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) => {
                 crate::nbd::proto::NBD_ENOSPC
             }
             _ => crate::nbd::proto::NBD_EIO,
         }
     }
-}
-
-fn libc_enospc() -> i32 {
-    nix::errno::Errno::ENOSPC as i32
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -284,12 +284,6 @@ impl Drop for SocketFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-#[allow(dead_code)]
-fn _assert_send(s: Server, t: TcpStream) {
-    fn is_send<T: Send>(_: T) {}
-    is_send(s.serve_stream(t));
 }
 
 /// Waits for SIGINT or SIGTERM and says which; the way every long-running
