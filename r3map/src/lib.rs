@@ -6,6 +6,8 @@
 
 pub mod auth;
 pub mod backend;
+pub mod error;
+pub mod grpc;
 pub mod managed;
 pub mod migration;
 pub mod nbd;
@@ -13,4 +15,5 @@ pub mod relay;
 pub mod remote;
 pub mod size;
 
-pub use backend::{Backend, Error, Result};
+pub use backend::Backend;
+pub use error::{Error, ErrorKind, Result};

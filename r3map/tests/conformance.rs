@@ -462,8 +462,8 @@ async fn dir_refuses_another_chunk_size() {
     b.flush().await.unwrap();
     drop(b);
     match backend::open(&uri, SIZE, 8192).await {
-        Err(Error::Config(msg)) => assert!(msg.contains("4096"), "{msg}"),
-        Err(e) => panic!("expected a Config error, got {e:?}"),
+        Err(Error::FailedPrecondition(msg)) => assert!(msg.contains("4096"), "{msg}"),
+        Err(e) => panic!("expected a FailedPrecondition error, got {e:?}"),
         Ok(_) => panic!("reopened 4096-byte chunks as 8192-byte ones"),
     }
     let b = backend::open(&uri, SIZE, 4096).await.unwrap();
@@ -478,8 +478,8 @@ async fn file_refuses_a_larger_existing_file() {
     std::fs::write(&path, &content).unwrap();
     let uri = format!("file:{}", path.display());
     match backend::open(&uri, SIZE, 4096).await {
-        Err(Error::Config(msg)) => assert!(msg.contains("refusing"), "{msg}"),
-        Err(e) => panic!("expected a Config error, got {e:?}"),
+        Err(Error::FailedPrecondition(msg)) => assert!(msg.contains("refusing"), "{msg}"),
+        Err(e) => panic!("expected a FailedPrecondition error, got {e:?}"),
         Ok(_) => panic!("opened a {}-byte file as {SIZE} bytes", 2 * SIZE),
     }
     assert!(
@@ -566,8 +566,8 @@ async fn redis_conforms_and_shares_by_prefix() {
     }
     // Same prefix, other chunk size: refused (it would scramble the data).
     match backend::open(&format!("{}?prefix=vol-4096", server.url(0)), SIZE, 8192).await {
-        Err(Error::Config(msg)) => assert!(msg.contains("4096"), "{msg}"),
-        Err(e) => panic!("expected a Config error, got {e:?}"),
+        Err(Error::FailedPrecondition(msg)) => assert!(msg.contains("4096"), "{msg}"),
+        Err(e) => panic!("expected a FailedPrecondition error, got {e:?}"),
         Ok(_) => panic!("reopened 4096-byte chunks as 8192-byte ones"),
     }
 }
@@ -615,7 +615,7 @@ impl Toy {
     fn check(&self, offset: u64, len: u64) -> backend::Result<()> {
         let r = check_range(offset, len, self.size);
         if self.defect == Defect::WrongError && r.is_err() {
-            return Err(Error::Config("out of range".into()));
+            return Err(Error::InvalidArgument("out of range".into()));
         }
         r
     }

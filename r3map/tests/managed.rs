@@ -342,7 +342,11 @@ async fn a_failed_fetch_is_an_error_not_zeros_and_is_retried() {
     p.fail_reads.store(true, SeqCst);
     let m = plain(&d.path().join("c"), &p, opts(chunk, 0));
     let e = read(&m, 2 * chunk, 4096).await.unwrap_err();
-    assert_eq!(e.errno(), r3map::nbd::proto::NBD_EIO, "{e}");
+    assert_eq!(
+        r3map::nbd::proto::errno_of(&e),
+        r3map::nbd::proto::NBD_EIO,
+        "{e}"
+    );
     assert!(e.to_string().contains("injected"), "{e}");
     assert_eq!(m.chunk_state(2), Some(ChunkState::Missing));
     // A partial write needs the chunk: it fails too, and leaves it Missing.

@@ -54,7 +54,7 @@ impl Dir {
     /// the wrong offset.
     pub fn open(root: &Path, size: u64, chunk: u64, max_open: usize) -> Result<Self> {
         if chunk == 0 {
-            return Err(Error::Config("chunk size must be positive".into()));
+            return Err(Error::InvalidArgument("chunk size must be positive".into()));
         }
         std::fs::create_dir_all(root)?;
         check_chunk_size(root, chunk)?;
@@ -120,11 +120,11 @@ fn check_chunk_size(root: &Path, chunk: u64) -> Result<()> {
     match std::fs::read_to_string(&path) {
         Ok(s) => match s.trim().parse::<u64>() {
             Ok(c) if c == chunk => Ok(()),
-            Ok(c) => Err(Error::Config(format!(
+            Ok(c) => Err(Error::FailedPrecondition(format!(
                 "{} holds chunks of {c} bytes, not {chunk}; open it with --chunk-size {c}",
                 root.display()
             ))),
-            Err(_) => Err(Error::Config(format!(
+            Err(_) => Err(Error::FailedPrecondition(format!(
                 "{} does not hold a chunk size: {s:?}",
                 path.display()
             ))),

@@ -33,7 +33,7 @@ impl FileBackend {
             .open(path)?;
         let len = file.metadata()?.len();
         if len > size {
-            return Err(Error::Config(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{} holds {len} bytes, more than the requested size {size}; refusing to truncate",
                 path.display()
             )));

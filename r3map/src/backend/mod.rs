@@ -16,34 +16,7 @@ pub use uri::open;
 /// Default chunk size for chunked backends (`dir`, `redis`, `memory`).
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("range {offset}+{len} is outside the region of {size} bytes")]
-    OutOfRange { offset: u64, len: u64, size: u64 },
-    #[error("invalid backend {uri:?}: {reason}")]
-    InvalidUri { uri: String, reason: String },
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("redis: {0}")]
-    Redis(#[from] ::redis::RedisError),
-}
-
-impl Error {
-    /// The errno an NBD client should see for this error.
-    pub fn errno(&self) -> u32 {
-        match self {
-            Error::OutOfRange { .. } => crate::nbd::proto::NBD_EINVAL,
-            Error::Io(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) => {
-                crate::nbd::proto::NBD_ENOSPC
-            }
-            _ => crate::nbd::proto::NBD_EIO,
-        }
-    }
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use crate::error::{Error, ErrorKind, Result};
 
 /// A region of `size()` bytes. Implementations are shared between many
 /// concurrent NBD requests, so every method takes `&self`.

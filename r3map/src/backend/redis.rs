@@ -29,7 +29,7 @@ impl Redis {
     /// chunks of `chunk` bytes.
     pub async fn connect(url: &str, prefix: &str, size: u64, chunk: u64) -> Result<Self> {
         if chunk == 0 || chunk > 512 << 20 {
-            return Err(Error::Config(
+            return Err(Error::InvalidArgument(
                 "redis chunk size must be between 1 byte and 512 MiB".into(),
             ));
         }
@@ -49,7 +49,7 @@ impl Redis {
             .query_async(&mut conn)
             .await?;
         if stored != chunk {
-            return Err(Error::Config(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "redis prefix {prefix:?} holds chunks of {stored} bytes, not {chunk}"
             )));
         }

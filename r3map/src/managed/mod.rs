@@ -248,7 +248,7 @@ pub struct Managed {
 }
 
 fn eio(msg: String) -> Error {
-    Error::Io(std::io::Error::other(msg))
+    Error::io(msg)
 }
 
 impl Managed {
@@ -269,17 +269,21 @@ impl Managed {
         let size = source.size();
         let chunk = opts.chunk_size;
         if chunk == 0 {
-            return Err(Error::Config("chunk size must be positive".into()));
+            return Err(Error::InvalidArgument("chunk size must be positive".into()));
         }
         if opts.push_workers == 0 {
-            return Err(Error::Config("push workers must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "push workers must be at least 1".into(),
+            ));
         }
         if opts.push_interval.is_zero() {
-            return Err(Error::Config("push interval must be positive".into()));
+            return Err(Error::InvalidArgument(
+                "push interval must be positive".into(),
+            ));
         }
         if let Some(s) = &sink {
             if s.size() != size {
-                return Err(Error::Config(format!(
+                return Err(Error::InvalidArgument(format!(
                     "sink holds {} bytes, source {size}",
                     s.size()
                 )));
@@ -293,7 +297,7 @@ impl Managed {
                 .write(true)
                 .open(cache)
                 .map_err(|e| {
-                    Error::Config(format!(
+                    Error::FailedPrecondition(format!(
                         "state file {} exists but its cache {} cannot be opened: {e}",
                         spath.display(),
                         cache.display()
@@ -301,7 +305,7 @@ impl Managed {
                 })?;
             let len = f.metadata()?.len();
             if len != size {
-                return Err(Error::Config(format!(
+                return Err(Error::FailedPrecondition(format!(
                     "cache {} holds {len} bytes, its state file describes {size}",
                     cache.display()
                 )));
@@ -318,7 +322,7 @@ impl Managed {
             // Without a state file nothing says which bytes are valid: only
             // an empty (all-hole) file, e.g. one we made before a crash, is taken.
             if md.blocks() > 0 {
-                return Err(Error::Config(format!(
+                return Err(Error::FailedPrecondition(format!(
                     "cache {} holds data but has no state file {}; remove it to start over",
                     cache.display(),
                     spath.display()
@@ -435,7 +439,7 @@ impl Managed {
     /// Fetches already in flight finish from the old source.
     pub fn set_source(&self, source: Arc<dyn Backend>) -> Result<()> {
         if source.size() != self.inner.size {
-            return Err(Error::Config(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "new source holds {} bytes, the mount {}",
                 source.size(),
                 self.inner.size

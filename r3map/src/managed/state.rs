@@ -95,7 +95,7 @@ impl StateFile {
     pub fn open_existing(path: &Path, chunk: u64, size: u64) -> Result<(Self, Vec<ChunkState>)> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let bad = |why: String| {
-            Error::Config(format!(
+            Error::FailedPrecondition(format!(
                 "state file {} does not match this mount: {why}; use the cache with the \
                  settings it was made with, or remove the cache and its state file to start over",
                 path.display()

@@ -312,7 +312,9 @@ impl Backend for SeedClient {
     }
 
     async fn write_at(&self, _: u64, _: &[u8]) -> Result<()> {
-        Err(Error::Config("the migration seed is read-only".into()))
+        Err(Error::FailedPrecondition(
+            "the migration seed is read-only".into(),
+        ))
     }
 
     async fn flush(&self) -> Result<()> {
@@ -320,6 +322,8 @@ impl Backend for SeedClient {
     }
 
     async fn trim(&self, _: u64, _: u64) -> Result<()> {
-        Err(Error::Config("the migration seed is read-only".into()))
+        Err(Error::FailedPrecondition(
+            "the migration seed is read-only".into(),
+        ))
     }
 }

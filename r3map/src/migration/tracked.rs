@@ -274,7 +274,10 @@ mod tests {
         let set = t.finalize().await.unwrap();
         assert_eq!(set.iter().collect::<Vec<_>>(), vec![2, 3, 7, 9]);
         let err = t.write_at(0, &[3; 4]).await.unwrap_err();
-        assert_eq!(err.errno(), crate::nbd::proto::NBD_EIO);
+        assert_eq!(
+            crate::nbd::proto::errno_of(&err),
+            crate::nbd::proto::NBD_EIO
+        );
         assert!(t.trim(0, 4096).await.is_err());
         // Reads still work (post-copy pulls them), and finalize repeats.
         let mut b = [0u8; 4];

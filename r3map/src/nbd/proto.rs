@@ -160,6 +160,18 @@ pub fn structured_error(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
     v
 }
 
+/// The errno an NBD client should see for an engine error: EINVAL for a
+/// range outside the export, ENOSPC when the store is full, EIO otherwise
+/// (a fenced writer included: the application must see its writes fail).
+pub fn errno_of(e: &crate::Error) -> u32 {
+    use crate::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::OutOfRange => NBD_EINVAL,
+        _ if e.errno() == Some(nix::errno::Errno::ENOSPC as i32) => NBD_ENOSPC,
+        _ => NBD_EIO,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

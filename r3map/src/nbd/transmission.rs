@@ -336,7 +336,7 @@ async fn execute(ctx: &Ctx, req: Request, data: Vec<u8>) -> Reply {
         Ok(()) => Reply::bare(simple_reply(req.cookie, 0)),
         Err(e) => {
             warn!(cookie = req.cookie, kind = req.kind, offset = req.offset, len = req.len, error = %e, "request failed");
-            error_reply(ctx, req, e.errno(), &e.to_string())
+            error_reply(ctx, req, errno_of(&e), &e.to_string())
         }
     }
 }

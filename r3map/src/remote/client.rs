@@ -53,6 +53,17 @@ impl ClientError {
     }
 }
 
+impl From<ClientError> for Error {
+    fn from(e: ClientError) -> Error {
+        match e {
+            ClientError::Config(m) => Error::InvalidArgument(m),
+            ClientError::Auth(a) => Error::InvalidArgument(a.to_string()),
+            c @ ClientError::Connect { .. } => Error::Unavailable(c.to_string()),
+            ClientError::Status(s) => Error::from(*s),
+        }
+    }
+}
+
 /// How to reach a region server.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectOptions {
@@ -289,15 +300,11 @@ impl RemoteBackend {
         })?;
         let c = Client::connect(&u.opts)
             .await
-            .map_err(|e| Error::Config(format!("{}: {e}", u.opts.addr)))?;
+            .map_err(|e| Error::from(e).context(&u.opts.addr))?;
         if size > 0 {
-            c.create_region(Some(&u.region), size).await.map_err(|s| {
-                if s.code() == Code::AlreadyExists {
-                    Error::Config(format!("{}: {}", u.region, s.message()))
-                } else {
-                    status_error(s)
-                }
-            })?;
+            c.create_region(Some(&u.region), size)
+                .await
+                .map_err(|s| Error::from(s).context(&u.region))?;
         }
         c.backend(&u.region).await.map_err(status_error)
     }
@@ -345,19 +352,9 @@ impl RemoteBackend {
     }
 }
 
-/// What a failed call means to the NBD client: out of range stays out of
-/// range; ENOSPC stays ENOSPC; everything else is an I/O error.
+/// A failed call as an engine error, its kind kept ([`crate::grpc`]).
 fn status_error(s: Status) -> Error {
-    match s.code() {
-        Code::ResourceExhausted => Error::Io(std::io::Error::from_raw_os_error(
-            nix::errno::Errno::ENOSPC as i32,
-        )),
-        _ => Error::Io(std::io::Error::other(format!(
-            "remote: {}: {}",
-            s.code(),
-            s.message()
-        ))),
-    }
+    Error::from(s)
 }
 
 fn protocol_error(msg: String) -> Error {

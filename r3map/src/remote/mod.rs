@@ -57,45 +57,9 @@ pub fn tune_allocator() {
     }
 }
 
-/// Errors of the region service. Converted to a gRPC status in one place,
-/// the `From` impl below, which also maps every backend error.
-#[derive(Debug, thiserror::Error)]
-pub enum RemoteError {
-    #[error("no region {0:?}")]
-    NotFound(String),
-    #[error("region {id:?} already exists with {size} bytes")]
-    AlreadyExists { id: String, size: u64 },
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error(transparent)]
-    Backend(#[from] crate::backend::Error),
-}
-
-impl From<RemoteError> for tonic::Status {
-    fn from(e: RemoteError) -> Self {
-        use crate::backend::Error as B;
-        use tonic::Status;
-        let msg = e.to_string();
-        match e {
-            RemoteError::NotFound(_) => Status::not_found(msg),
-            RemoteError::AlreadyExists { .. } => Status::already_exists(msg),
-            RemoteError::InvalidArgument(_) => Status::invalid_argument(msg),
-            RemoteError::Backend(b) => match b {
-                B::OutOfRange { .. } => Status::out_of_range(msg),
-                B::InvalidUri { .. } | B::Config(_) => Status::failed_precondition(msg),
-                B::Io(io) if io.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) => {
-                    Status::resource_exhausted(msg)
-                }
-                B::Io(_) => Status::internal(msg),
-                B::Redis(_) => Status::unavailable(msg),
-            },
-        }
-    }
-}
-
 /// Region ids name directories and redis keys: letters, digits, `.`, `_`
 /// and `-`, not starting with `.`, at most [`MAX_ID_LEN`] characters.
-pub fn check_id(id: &str) -> Result<(), RemoteError> {
+pub fn check_id(id: &str) -> crate::Result<()> {
     let ok = !id.is_empty()
         && id.len() <= MAX_ID_LEN
         && !id.starts_with('.')
@@ -105,7 +69,7 @@ pub fn check_id(id: &str) -> Result<(), RemoteError> {
     if ok {
         Ok(())
     } else {
-        Err(RemoteError::InvalidArgument(format!(
+        Err(crate::Error::InvalidArgument(format!(
             "invalid region id {id:?}: use 1 to {MAX_ID_LEN} of A-Z a-z 0-9 . _ -, not starting with ."
         )))
     }
@@ -133,22 +97,5 @@ mod tests {
         ] {
             assert!(check_id(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn statuses() {
-        use tonic::{Code, Status};
-        let s: Status = RemoteError::NotFound("x".into()).into();
-        assert_eq!(s.code(), Code::NotFound);
-        let s: Status = RemoteError::Backend(crate::backend::Error::OutOfRange {
-            offset: 1,
-            len: 2,
-            size: 2,
-        })
-        .into();
-        assert_eq!(s.code(), Code::OutOfRange);
-        let enospc = std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32);
-        let s: Status = RemoteError::Backend(enospc.into()).into();
-        assert_eq!(s.code(), Code::ResourceExhausted);
     }
 }

@@ -11,10 +11,11 @@ use tonic::{Request, Response, Status};
 use super::pb::region_store_server::{RegionStore, RegionStoreServer};
 use super::pb::*;
 use super::store::Store;
-use super::{check_id, RemoteError, READ_PIECE};
+use super::{check_id, READ_PIECE};
 use crate::backend::{check_range, Backend};
+use crate::Error;
 
-type Res<T> = Result<T, RemoteError>;
+type Res<T> = Result<T, Error>;
 
 /// A region's backend; `None` once deleted. Every request holds the lock
 /// shared while it runs; resize and delete hold it exclusively, so no
@@ -34,7 +35,7 @@ impl RegionService {
     /// Opens every region recorded in `store`.
     pub async fn open(store: Store, chunk: u64, max_request: u64) -> Res<Arc<Self>> {
         if max_request == 0 {
-            return Err(RemoteError::InvalidArgument(
+            return Err(Error::InvalidArgument(
                 "the maximum request size must be positive".into(),
             ));
         }
@@ -85,21 +86,21 @@ impl RegionService {
             .unwrap()
             .get(id)
             .cloned()
-            .ok_or_else(|| RemoteError::NotFound(id.to_string()))
+            .ok_or_else(|| not_found(id))
     }
 
     /// The region's backend, held shared until the guard drops.
     async fn backend(&self, id: &str) -> Res<OwnedRwLockReadGuard<Option<Arc<dyn Backend>>>> {
         let g = self.slot(id)?.read_owned().await;
         if g.is_none() {
-            return Err(RemoteError::NotFound(id.to_string()));
+            return Err(not_found(id));
         }
         Ok(g)
     }
 
     fn check_len(&self, len: u64) -> Res<()> {
         if len > self.max_request {
-            return Err(RemoteError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "request of {len} bytes is over the maximum of {} bytes",
                 self.max_request
             )));
@@ -120,7 +121,9 @@ impl RegionService {
                 if have == size {
                     return Ok(Region { id, size });
                 }
-                return Err(RemoteError::AlreadyExists { id, size: have });
+                return Err(Error::AlreadyExists(format!(
+                    "region {id:?} already exists with {have} bytes"
+                )));
             }
         }
         self.store.create(&id, size).await?;
@@ -149,10 +152,7 @@ impl RegionService {
         let _admin = self.admin.lock().await;
         let slot = self.slot(id)?;
         let mut g = slot.write().await;
-        let old = g
-            .as_ref()
-            .ok_or_else(|| RemoteError::NotFound(id.to_string()))?
-            .clone();
+        let old = g.as_ref().ok_or_else(|| not_found(id))?.clone();
         let old_size = old.size();
         if size == old_size {
             return Ok(Region {
@@ -196,6 +196,10 @@ async fn copy(from: &dyn Backend, to: &dyn Backend, len: u64) -> Res<()> {
         pos += n as u64;
     }
     Ok(())
+}
+
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("no region {id:?}"))
 }
 
 /// A fresh random id: 16 hex digits from the kernel's generator.
@@ -283,7 +287,7 @@ impl RegionStore for Handle {
         // Checked before the stream starts, so the caller gets the error
         // as the call's status.
         let size = g.as_ref().expect("checked").size();
-        check_range(r.offset, r.length, size).map_err(RemoteError::from)?;
+        check_range(r.offset, r.length, size)?;
         // Two pieces in flight: the next is read while one is sent.
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
@@ -298,7 +302,7 @@ impl RegionStore for Handle {
                         offset: pos,
                         data: data.into(),
                     }),
-                    Err(e) => Err(Status::from(RemoteError::from(e))),
+                    Err(e) => Err(Status::from(e)),
                 };
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() || failed {
@@ -318,7 +322,7 @@ impl RegionStore for Handle {
             .expect("checked")
             .write_at(r.offset, &r.data)
             .await
-            .map_err(RemoteError::from)?;
+            .map_err(Status::from)?;
         Ok(Response::new(WriteReply {}))
     }
 
@@ -328,7 +332,7 @@ impl RegionStore for Handle {
             .expect("checked")
             .flush()
             .await
-            .map_err(RemoteError::from)?;
+            .map_err(Status::from)?;
         Ok(Response::new(FlushReply {}))
     }
 
@@ -339,7 +343,7 @@ impl RegionStore for Handle {
             .expect("checked")
             .trim(r.offset, r.length)
             .await
-            .map_err(RemoteError::from)?;
+            .map_err(Status::from)?;
         Ok(Response::new(RangeReply {}))
     }
 
@@ -353,7 +357,7 @@ impl RegionStore for Handle {
             .expect("checked")
             .write_zeroes(r.offset, r.length)
             .await
-            .map_err(RemoteError::from)?;
+            .map_err(Status::from)?;
         Ok(Response::new(RangeReply {}))
     }
 }

@@ -255,7 +255,7 @@ fn read_meta(dir: &Path) -> Result<Option<u64>> {
         .find_map(|l| l.strip_prefix("size "))
         .and_then(|v| v.trim().parse().ok())
         .map(Some)
-        .ok_or_else(|| Error::Config(format!("{}: no size in {s:?}", path.display())))
+        .ok_or_else(|| Error::io(format!("{}: no size in {s:?}", path.display())))
 }
 
 /// Written aside and renamed, so a crash leaves the old size or the new.
