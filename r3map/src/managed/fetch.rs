@@ -1,0 +1,232 @@
+//! Getting chunks into the cache: the pull queue and its workers,
+//! on-demand fetches shared by every reader waiting on them, installation
+//! that a write or [`Managed::mark_missing`] can make stale.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use super::*;
+
+/// Queue keys at or above this are retries, taken after every other chunk.
+const RETRY_BASE: i64 = i64::MAX / 2;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Inner {
+    pub(super) fn prioritize(&self, chunks: &[u64]) {
+        let mut sh = self.shared.lock().unwrap();
+        let todo: Vec<u64> = chunks
+            .iter()
+            .copied()
+            .filter(|&i| i < self.count && sh.chunks[i as usize].state == ChunkState::Missing)
+            .collect();
+        if todo.is_empty() {
+            return;
+        }
+        let base = sh.bump - todo.len() as i64;
+        for (k, &i) in todo.iter().enumerate() {
+            sh.enqueue(i, base + k as i64);
+        }
+        sh.bump = base;
+        drop(sh);
+        self.queue_notify.notify_waiters();
+    }
+
+    /// Starts an on-demand fetch of chunk `i` unless it is present; returns
+    /// the receiver of the fetch's result (new or already in flight).
+    pub(super) fn start_fetch(self: &Arc<Self>, i: u64) -> Option<watch::Receiver<FetchResult>> {
+        let mut sh = self.shared.lock().unwrap();
+        let m = &sh.chunks[i as usize];
+        if m.state != ChunkState::Missing {
+            return None;
+        }
+        if let Some(f) = &m.fetch {
+            return Some(f.tx.subscribe());
+        }
+        let (id, epoch, rx) = sh.claim(i);
+        drop(sh);
+        self.counters.on_demand.fetch_add(1, Relaxed);
+        // Its own task: a reader that goes away must not strand the others.
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _ = this.run_fetch(i, id, epoch).await;
+        });
+        Some(rx)
+    }
+
+    /// Ensures chunk `i` is present: fetches it at once if Missing, or waits
+    /// for the fetch already in flight. A failed fetch is an error (EIO).
+    pub(super) async fn ensure(self: &Arc<Self>, i: u64) -> Result<()> {
+        loop {
+            let Some(mut rx) = self.start_fetch(i) else {
+                return Ok(());
+            };
+            // A closed channel means the fetch was discarded: look again.
+            let failed = match rx.wait_for(|v| v.is_some()).await {
+                Ok(r) => match &*r {
+                    Some(Err(msg)) => Some(msg.clone()),
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            if let Some(msg) = failed {
+                return Err(eio(format!("fetching chunk {i} from the source: {msg}")));
+            }
+        }
+    }
+
+    /// Fetches chunk `i` from the source and installs it in the cache,
+    /// unless the fetch was made stale meanwhile; publishes the result.
+    pub(super) async fn run_fetch(
+        &self,
+        i: u64,
+        id: u64,
+        epoch: u64,
+    ) -> std::result::Result<(), String> {
+        let src = self.source.read().unwrap().clone();
+        let len = self.chunk_len(i);
+        let mut buf = vec![0u8; len as usize];
+        let res = match src.read_at(i * self.chunk, &mut buf).await {
+            Ok(()) => self.install(i, id, epoch, &buf).await,
+            Err(e) => Err(e.to_string()),
+        };
+        if res.is_err() {
+            self.counters.fetch_errors.fetch_add(1, Relaxed);
+        }
+        let mut sh = self.shared.lock().unwrap();
+        let mine = sh.chunks[i as usize].fetch.as_ref().map(|f| f.id) == Some(id);
+        if mine {
+            let f = sh.chunks[i as usize].fetch.take().unwrap();
+            sh.in_flight -= 1;
+            if res.is_err()
+                && sh.chunks[i as usize].state == ChunkState::Missing
+                && self.opts.pull_workers > 0
+            {
+                // Retried by the background pull, after everything else.
+                let key = RETRY_BASE + sh.retry_seq;
+                sh.retry_seq += 1;
+                sh.enqueue(i, key);
+                drop(sh);
+                self.queue_notify.notify_waiters();
+            } else {
+                drop(sh);
+            }
+            f.tx.send_replace(Some(res.clone()));
+        }
+        res
+    }
+
+    pub(super) async fn install(
+        &self,
+        i: u64,
+        id: u64,
+        epoch: u64,
+        buf: &[u8],
+    ) -> std::result::Result<(), String> {
+        let current = |sh: &Shared| {
+            let m = &sh.chunks[i as usize];
+            m.epoch == epoch
+                && m.state == ChunkState::Missing
+                && m.fetch.as_ref().map(|f| f.id) == Some(id)
+        };
+        // Exclusive: no write to this chunk runs while its old bytes land.
+        let _x = self.stripe(i).write().await;
+        if !current(&self.shared.lock().unwrap()) {
+            return Ok(()); // superseded: a write covered it, or it was marked missing
+        }
+        {
+            let _w = self.install_lock.lock().await;
+            self.cache
+                .write_all_at(buf, i * self.chunk)
+                .map_err(|e| format!("writing chunk {i} to the cache: {e}"))?;
+        }
+        let mut sh = self.shared.lock().unwrap();
+        if !current(&sh) {
+            return Ok(());
+        }
+        self.transition(&mut sh, i, ChunkState::Local)
+            .map_err(|e| e.to_string())?;
+        drop(sh);
+        self.counters
+            .bytes_pulled
+            .fetch_add(buf.len() as u64, Relaxed);
+        self.present_notify.notify_waiters();
+        Ok(())
+    }
+
+    pub(super) async fn pull_worker(self: Arc<Self>) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let n = self.queue_notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            let job = {
+                let mut sh = self.shared.lock().unwrap();
+                let mut job = None;
+                while let Some((_, i)) = sh.queue.pop_first() {
+                    let m = &mut sh.chunks[i as usize];
+                    m.qkey = None;
+                    if m.state == ChunkState::Missing && m.fetch.is_none() {
+                        let (id, epoch, _) = sh.claim(i);
+                        job = Some((i, id, epoch));
+                        break;
+                    }
+                }
+                job
+            };
+            match job {
+                Some((i, id, epoch)) => match self.run_fetch(i, id, epoch).await {
+                    Ok(()) => backoff = BACKOFF_MIN,
+                    Err(e) => {
+                        warn!(chunk = i, error = %e, "background pull failed; retrying later");
+                        tokio::select! {
+                            _ = self.stop.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                },
+                None => tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    _ = n => {}
+                },
+            }
+            if self.stop.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    pub(super) async fn mark_missing(&self, chunks: &[u64]) -> Result<()> {
+        // No push of these chunks may be in flight: it could land their
+        // stale bytes in the sink after they became Missing.
+        let _p = self.push_lock.lock().await;
+        {
+            let mut sh = self.shared.lock().unwrap();
+            for &i in chunks {
+                if i >= self.count {
+                    return Err(Error::OutOfRange {
+                        offset: i * self.chunk,
+                        len: self.chunk,
+                        size: self.size,
+                    });
+                }
+                let m = &mut sh.chunks[i as usize];
+                m.epoch += 1;
+                m.gen += 1;
+                // Its waiters see the channel close and fetch again.
+                if m.fetch.take().is_some() {
+                    sh.in_flight -= 1;
+                }
+                self.transition(&mut sh, i, ChunkState::Missing)?;
+            }
+        }
+        self.prioritize(chunks);
+        Ok(())
+    }
+}
