@@ -273,6 +273,7 @@ async fn conformance_over_remote_backend() {
             region: "conf".into(),
             offset: size - 1,
             data: vec![1, 2].into(),
+            ..Default::default()
         })
         .await;
     assert_eq!(code(r), Code::OutOfRange);
@@ -282,6 +283,7 @@ async fn conformance_over_remote_backend() {
             region: "conf".into(),
             offset: size,
             length: 1,
+            ..Default::default()
         })
         .await;
     assert_eq!(code(r), Code::OutOfRange);
@@ -305,6 +307,7 @@ async fn refusals_and_streamed_reads() {
         region: "r".into(),
         offset: 0,
         data: vec![7u8; (max + 1) as usize].into(),
+        ..Default::default()
     };
     assert_eq!(code(c.grpc().write(too_big).await), Code::InvalidArgument);
     let r = c
@@ -330,6 +333,7 @@ async fn refusals_and_streamed_reads() {
             .grpc()
             .flush(pb::FlushRequest {
                 region: region.into(),
+                ..Default::default()
             })
             .await;
         assert_eq!(code(r), Code::NotFound);
@@ -342,6 +346,7 @@ async fn refusals_and_streamed_reads() {
         region: "r".into(),
         offset: 12345,
         data: data.clone().into(),
+        ..Default::default()
     };
     c.grpc().write(w).await.unwrap();
     let mut s = c
@@ -629,4 +634,100 @@ fn serve_on_remote_region_nbdcopy() {
         .status()
         .unwrap();
     assert!(!st.success(), "serving a 64 MiB region as 1 MiB must fail");
+}
+
+/// Fencing: one writer per region. A fence raises the region's epoch after
+/// the writes in flight; from then on an older writer's writes, trims and
+/// flushes are refused with the `fenced` kind, and the epoch survives a
+/// restart of the server (dir:, redis://; memory: keeps nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_refuses_stale_writers() {
+    use r3map::ErrorKind;
+    let redis = RedisServer::start();
+    let dir = tmp();
+    let redis_store = format!("{}?prefix=fence", redis.url(4));
+    for store in [dir_store(dir.path()), "memory:".to_string(), redis_store] {
+        let mut srv = Server::start(&store, &["--chunk-size", "64KiB"]);
+        let c = srv.client().await;
+        let r = c.create_region(Some("f"), MIB).await.unwrap();
+        assert_eq!((r.epoch, r.owner.as_str()), (0, ""), "{store}");
+        // Never fenced: an unfenced writer (epoch 0) writes.
+        let old = c.backend("f").await.unwrap();
+        old.write_at(0, &[1; 4096]).await.unwrap();
+        old.flush().await.unwrap();
+        // Node a takes the region over; the unfenced writer is out.
+        let a = c.backend("f").await.unwrap();
+        a.fence(1, "node-a").await.unwrap();
+        assert_eq!(a.epoch(), Some(1));
+        a.fence(1, "node-a")
+            .await
+            .expect("a repeated fence is idempotent");
+        let e = old.write_at(0, &[2; 4096]).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Fenced, "{store}: {e}");
+        assert_eq!(old.flush().await.unwrap_err().kind(), ErrorKind::Fenced);
+        assert_eq!(
+            old.trim(0, 4096).await.unwrap_err().kind(),
+            ErrorKind::Fenced
+        );
+        assert_eq!(
+            old.write_zeroes(0, 4096).await.unwrap_err().kind(),
+            ErrorKind::Fenced
+        );
+        // The same epoch for another owner is refused: two writers never
+        // share an epoch.
+        let rival = c.backend("f").await.unwrap();
+        let e = rival.fence(1, "node-b").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Fenced, "{e}");
+        // A writer claiming an epoch nobody took is refused too.
+        rival.set_epoch(9);
+        let e = rival.write_at(0, &[3; 10]).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        a.write_at(4096, &[4; 4096]).await.unwrap();
+        a.flush().await.unwrap();
+        // Node b takes over at epoch 2: a is out, and cannot go back.
+        let b = c.backend("f").await.unwrap();
+        b.fence(2, "node-b").await.unwrap();
+        assert_eq!(
+            a.write_at(0, &[5; 1]).await.unwrap_err().kind(),
+            ErrorKind::Fenced
+        );
+        assert_eq!(
+            a.fence(1, "node-a").await.unwrap_err().kind(),
+            ErrorKind::Fenced
+        );
+        b.write_at(8192, &[6; 4096]).await.unwrap();
+        b.flush().await.unwrap();
+        let r = c.get_region("f").await.unwrap();
+        assert_eq!((r.epoch, r.owner.as_str()), (2, "node-b"));
+        // Reads are never fenced; only the holder's writes landed.
+        let got = read(&a, 0, 3 * 4096).await;
+        assert!(
+            got[..4096].iter().all(|&x| x == 1),
+            "{store}: a fenced write landed"
+        );
+        assert!(got[4096..8192].iter().all(|&x| x == 4));
+        assert!(got[8192..].iter().all(|&x| x == 6));
+        if store == "memory:" {
+            continue;
+        }
+        srv.restart();
+        let c = srv.client().await;
+        let r = c.get_region("f").await.unwrap();
+        assert_eq!(
+            (r.epoch, r.owner.as_str()),
+            (2, "node-b"),
+            "{store}: epoch lost on restart"
+        );
+        let stale = c.backend("f").await.unwrap();
+        stale.set_epoch(1);
+        assert_eq!(
+            stale.write_at(0, &[7; 1]).await.unwrap_err().kind(),
+            ErrorKind::Fenced
+        );
+        stale.set_epoch(2);
+        stale
+            .write_at(0, &[7; 1])
+            .await
+            .expect("the holder writes after a restart");
+    }
 }

@@ -53,6 +53,24 @@ pub trait Backend: Send + Sync + 'static {
     fn flush_is_global(&self) -> bool {
         true
     }
+
+    /// The fencing epoch this value writes with, when its store fences
+    /// writers (a region of `r3map backend`); `None` when it cannot
+    /// (direct `memory:`, `file:`, `dir:`, `redis://`: see docs/fencing.md).
+    fn epoch(&self) -> Option<u64> {
+        None
+    }
+
+    /// Takes the region over for `owner` at `epoch` (see `Fence` in
+    /// proto/remote.proto) and writes with `epoch` from then on. Fails with
+    /// [`crate::ErrorKind::Fenced`] when the region is already further on,
+    /// and [`crate::ErrorKind::FailedPrecondition`] where the store cannot fence.
+    async fn fence(&self, epoch: u64, owner: &str) -> Result<()> {
+        let _ = (epoch, owner);
+        Err(Error::FailedPrecondition(
+            "this backend has no fencing (only regions of `r3map backend` do)".into(),
+        ))
+    }
 }
 
 /// Checks that `offset..offset+len` lies inside a region of `size` bytes.
@@ -110,6 +128,12 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     fn flush_is_global(&self) -> bool {
         (**self).flush_is_global()
+    }
+    fn epoch(&self) -> Option<u64> {
+        (**self).epoch()
+    }
+    async fn fence(&self, epoch: u64, owner: &str) -> Result<()> {
+        (**self).fence(epoch, owner).await
     }
 }
 

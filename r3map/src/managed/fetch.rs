@@ -149,8 +149,13 @@ impl Inner {
         if !current(&sh) {
             return Ok(());
         }
-        self.transition(&mut sh, i, ChunkState::Local)
-            .map_err(|e| e.to_string())?;
+        // A chunk handed over unpushed goes out with the next push.
+        let to = if std::mem::take(&mut sh.chunks[i as usize].push_on_install) {
+            ChunkState::Dirty
+        } else {
+            ChunkState::Local
+        };
+        self.transition(&mut sh, i, to).map_err(|e| e.to_string())?;
         drop(sh);
         self.counters
             .bytes_pulled

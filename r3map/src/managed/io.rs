@@ -11,6 +11,16 @@ use super::*;
 use crate::backend::{check_range, chunk_spans};
 
 impl Inner {
+    /// Refuses writes once the mount was sealed or fenced off.
+    pub(super) fn check_writable(&self) -> Result<()> {
+        if self.sealed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::FailedPrecondition(
+                "the region was handed over to another host: writes are closed".into(),
+            ));
+        }
+        self.check_fenced()
+    }
+
     /// Runs a mutation of the cache bytes `within..within+n` of chunk `i`
     /// (`op` does the I/O), keeping the state file ahead of the data.
     pub(super) async fn mutate(
@@ -148,6 +158,7 @@ impl Backend for Managed {
         let inner = &self.inner;
         check_range(offset, data.len() as u64, inner.size)?;
         let _g = inner.gate.read().await;
+        inner.check_writable()?;
         let spans: Vec<_> = chunk_spans(offset, data.len() as u64, inner.chunk).collect();
         // Partial edge chunks that are missing are fetched concurrently.
         for &(i, within, _, n) in [spans.first(), spans.last()].into_iter().flatten() {
@@ -169,6 +180,7 @@ impl Backend for Managed {
     async fn flush(&self) -> Result<()> {
         let inner = &self.inner;
         let _g = inner.gate.read().await;
+        inner.check_fenced()?;
         let synced = match inner.opts.durability {
             Durability::Flush => inner.push_round().await?,
             Durability::Async => false,
@@ -183,6 +195,7 @@ impl Backend for Managed {
         let inner = &self.inner;
         check_range(offset, len, inner.size)?;
         let _g = inner.gate.read().await;
+        inner.check_writable()?;
         for (i, within, _, n) in chunk_spans(offset, len, inner.chunk) {
             let off = i * inner.chunk + within;
             let cache = &inner.cache;
@@ -205,5 +218,19 @@ impl Backend for Managed {
 
     fn flush_is_global(&self) -> bool {
         true
+    }
+
+    /// The sink's epoch: the mount writes the region only through it.
+    fn epoch(&self) -> Option<u64> {
+        self.inner.sink.as_ref().and_then(|s| s.epoch())
+    }
+
+    async fn fence(&self, epoch: u64, owner: &str) -> Result<()> {
+        match &self.inner.sink {
+            Some(s) => s.fence(epoch, owner).await,
+            None => Err(Error::FailedPrecondition(
+                "a mount without a sink writes no region: nothing to fence".into(),
+            )),
+        }
     }
 }

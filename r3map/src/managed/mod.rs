@@ -122,6 +122,9 @@ struct Meta {
     fetch: Option<Fetch>,
     /// Key of the chunk in the pull queue, if queued.
     qkey: Option<i64>,
+    /// Once fetched, the chunk is Dirty rather than Local: its bytes are
+    /// not in the sink yet (a migration source handed it over unpushed).
+    push_on_install: bool,
 }
 
 struct Shared {
@@ -196,6 +199,12 @@ struct Inner {
     queue_notify: Notify,
     present_notify: Notify,
     counters: Counters,
+    /// Set when the sink refused a push because another writer took the
+    /// region over (a newer epoch): nothing is pushed or written again.
+    fenced: Mutex<Option<String>>,
+    /// Set by [`Managed::seal`]: a migration handed this mount's region to
+    /// another host; writes and pushes stop for good.
+    sealed: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -282,6 +291,7 @@ impl Managed {
                 epoch: 0,
                 fetch: None,
                 qkey: (st == ChunkState::Missing).then_some(i as i64),
+                push_on_install: false,
             });
         }
         let inner = Arc::new(Inner {
@@ -301,6 +311,8 @@ impl Managed {
             queue_notify: Notify::new(),
             present_notify: Notify::new(),
             counters: Counters::default(),
+            fenced: Mutex::new(None),
+            sealed: std::sync::atomic::AtomicBool::new(false),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             opts,
@@ -399,6 +411,63 @@ impl Managed {
     pub async fn sync(&self) -> Result<()> {
         if !self.inner.push_round().await? {
             self.inner.sync_local().await?;
+        }
+        Ok(())
+    }
+
+    /// Stops pushing and writing for good (a migration handed the region to
+    /// another host, which now pushes what this mount had not): waits for a
+    /// push round in progress, makes the cache and its state durable, and
+    /// returns the chunks written here but not pushed to the sink.
+    /// Idempotent. Reads keep working (the destination pulls from here).
+    pub async fn seal(&self) -> Result<Vec<u64>> {
+        let inner = &self.inner;
+        inner
+            .sealed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // A write in flight finishes first; none starts after this.
+        drop(inner.gate.write().await);
+        let _p = inner.push_lock.lock().await;
+        inner.sync_local().await?;
+        let sh = inner.shared.lock().unwrap();
+        Ok(sh.dirty_set.iter().copied().collect())
+    }
+
+    /// True once [`Managed::seal`] was called.
+    pub fn is_sealed(&self) -> bool {
+        self.inner.sealed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Why the sink fenced this mount off, if it did: another writer holds
+    /// the region at a newer epoch, and this mount neither pushes nor takes
+    /// writes any more.
+    pub fn fenced(&self) -> Option<String> {
+        self.inner.fenced.lock().unwrap().clone()
+    }
+
+    /// Makes these chunks Dirty, so the next push sends them: at once for a
+    /// present chunk, once fetched for a Missing one (a migration source
+    /// handed them over unpushed). Call it while the gate is held.
+    pub fn mark_dirty(&self, chunks: &[u64]) -> Result<()> {
+        let inner = &self.inner;
+        let mut sh = inner.shared.lock().unwrap();
+        for &i in chunks {
+            if i >= inner.count {
+                return Err(Error::OutOfRange {
+                    offset: i * inner.chunk,
+                    len: inner.chunk,
+                    size: inner.size,
+                });
+            }
+            match sh.chunks[i as usize].state {
+                ChunkState::Missing => sh.chunks[i as usize].push_on_install = true,
+                ChunkState::Local => {
+                    // A push of it in flight must not record it Local.
+                    sh.chunks[i as usize].gen += 1;
+                    inner.transition(&mut sh, i, ChunkState::Dirty)?;
+                }
+                ChunkState::Dirty => {}
+            }
         }
         Ok(())
     }

@@ -33,6 +33,10 @@ impl Inner {
             return Ok(false); // nowhere to push: Dirty stays Dirty
         };
         let _p = self.push_lock.lock().await;
+        if self.sealed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(false); // the region moved on: its new host pushes
+        }
+        self.check_fenced()?;
         // Snapshot before the cache sync: whatever a snapshot covers was
         // written before it, so it is durable in the cache once we mark Local.
         let snap: Vec<(u64, u64, bool)> = {
@@ -59,6 +63,9 @@ impl Inner {
                 let mut err = None;
                 let mut buf = vec![0u8; this.chunk as usize];
                 loop {
+                    if matches!(&err, Some(e) if is_fenced(e)) {
+                        break; // the region is someone else's now
+                    }
                     let k = next.fetch_add(1, Relaxed);
                     let Some(&(i, gen, quiet)) = snap.get(k) else {
                         break;
@@ -77,7 +84,7 @@ impl Inner {
                         Ok(()) => {}
                         Err(e) => {
                             this.counters.push_errors.fetch_add(1, Relaxed);
-                            err.get_or_insert(format!("pushing chunk {i}: {e}"));
+                            err.get_or_insert(e.context(format!("pushing chunk {i}")));
                         }
                     }
                 }
@@ -89,12 +96,24 @@ impl Inner {
         while let Some(r) = set.join_next().await {
             let (d, e) = r.map_err(|e| Error::Io(std::io::Error::other(e)))?;
             done.extend(d);
+            // A fence outranks any other error: it stops the mount.
             if let Some(e) = e {
-                err.get_or_insert(e);
+                if err.is_none() || is_fenced(&e) {
+                    err = Some(e);
+                }
             }
         }
+        if let Some(e) = err.take_if(|e| is_fenced(e)) {
+            return Err(self.record_fenced(e));
+        }
         if !done.is_empty() {
-            sink.flush().await?;
+            if let Err(e) = sink.flush().await {
+                return Err(if is_fenced(&e) {
+                    self.record_fenced(e)
+                } else {
+                    e
+                });
+            }
             let mut pushed = 0u64;
             let mut bytes = 0u64;
             {
@@ -117,9 +136,27 @@ impl Inner {
             debug!(chunks = pushed, bytes, "pushed");
         }
         match err {
-            Some(e) => Err(eio(e)),
+            Some(e) => Err(e),
             None => Ok(true),
         }
+    }
+
+    /// Refuses with the recorded fence, if there is one.
+    pub(super) fn check_fenced(&self) -> Result<()> {
+        match &*self.fenced.lock().unwrap() {
+            Some(why) => Err(Error::Fenced(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Records that the sink fenced this mount off; returns the error.
+    fn record_fenced(&self, e: Error) -> Error {
+        let mut f = self.fenced.lock().unwrap();
+        if f.is_none() {
+            tracing::error!(error = %e, "fenced: another writer holds the region now; this mount stops pushing and writing");
+            *f = Some(e.to_string());
+        }
+        e
     }
 
     pub(super) async fn push_loop(self: Arc<Self>, leftover: bool) {
@@ -135,9 +172,15 @@ impl Inner {
                 _ = tokio::time::sleep(wait) => {}
             }
             wait = self.opts.push_interval;
-            if let Err(e) = self.push_round().await {
-                warn!(error = %e, "background push failed; chunks stay dirty");
+            match self.push_round().await {
+                Err(e) if is_fenced(&e) => return, // said so in record_fenced
+                Err(e) => warn!(error = %e, "background push failed; chunks stay dirty"),
+                Ok(_) => {}
             }
         }
     }
+}
+
+fn is_fenced(e: &Error) -> bool {
+    e.kind() == crate::ErrorKind::Fenced
 }

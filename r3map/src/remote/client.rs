@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -107,12 +108,19 @@ fn is_loopback(host: &str) -> bool {
 pub struct RemoteUri {
     pub opts: ConnectOptions,
     pub region: String,
+    /// `epoch=N`: write with fencing epoch N (a writer that holds it).
+    pub epoch: Option<u64>,
+    /// `fence=OWNER`: take the region over at open, at one past its
+    /// current epoch, for OWNER.
+    pub fence: Option<String>,
 }
 
 impl RemoteUri {
     /// Parameters: `token-file`, `ca` (turns TLS on), `cert` and `key` (a
     /// client certificate for mutual TLS), `tls-name` (the name the server
-    /// certificate carries, when not the host). Paths are taken literally.
+    /// certificate carries, when not the host), `epoch` (the fencing epoch
+    /// this writer holds) or `fence` (an owner name: take the region over
+    /// at open). Paths are taken literally.
     pub fn parse(uri: &str) -> Result<RemoteUri, ClientError> {
         let bad = |why: &str| ClientError::Config(format!("invalid backend {uri:?}: {why}"));
         let rest = uri
@@ -124,6 +132,7 @@ impl RemoteUri {
             .ok_or_else(|| bad("no region: expected r3map://HOST:PORT/REGION"))?;
         super::check_id(region).map_err(|e| bad(&e.to_string()))?;
         let (mut token_file, mut ca, mut cert, mut key, mut name) = (None, None, None, None, None);
+        let (mut epoch, mut fence) = (None, None);
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv
                 .split_once('=')
@@ -137,6 +146,8 @@ impl RemoteUri {
                 "cert" => &mut cert,
                 "key" => &mut key,
                 "tls-name" => &mut name,
+                "epoch" => &mut epoch,
+                "fence" => &mut fence,
                 _ => return Err(bad(&format!("unknown parameter {k:?}"))),
             };
             *slot = Some(v.to_string());
@@ -164,9 +175,18 @@ impl RemoteUri {
                 "plain HTTP/2 is only for loopback: give ca=PATH for TLS to another host",
             ));
         }
+        let epoch = match epoch {
+            Some(e) => Some(e.parse::<u64>().map_err(|_| bad("epoch is a number"))?),
+            None => None,
+        };
+        if epoch.is_some() && fence.is_some() {
+            return Err(bad("give epoch (held) or fence (take over), not both"));
+        }
         Ok(RemoteUri {
             opts,
             region: region.to_string(),
+            epoch,
+            fence,
         })
     }
 }
@@ -262,13 +282,25 @@ impl Client {
         Ok(self.grpc().resize_region(req).await?.into_inner())
     }
 
+    /// Hands region `id` to `owner` at `epoch` (see `Fence` in remote.proto).
+    pub async fn fence(&self, id: &str, epoch: u64, owner: &str) -> Result<Region, Status> {
+        let req = FenceRequest {
+            id: id.into(),
+            epoch,
+            owner: owner.into(),
+        };
+        Ok(self.grpc().fence(req).await?.into_inner())
+    }
+
     pub async fn delete_region(&self, id: &str) -> Result<(), Status> {
         let req = DeleteRegionRequest { id: id.into() };
         self.grpc().delete_region(req).await?;
         Ok(())
     }
 
-    /// A backend over an existing region, at its current size.
+    /// A backend over an existing region, at its current size, writing
+    /// unfenced (epoch 0) until [`RemoteBackend::set_epoch`] or
+    /// [`Backend::fence`].
     pub async fn backend(&self, id: &str) -> Result<RemoteBackend, Status> {
         let r = self.get_region(id).await?;
         Ok(RemoteBackend {
@@ -276,17 +308,20 @@ impl Client {
             region: r.id,
             size: r.size,
             max_request: self.limits.max_request,
+            epoch: AtomicU64::new(0),
         })
     }
 }
 
 /// A [`Backend`] over one region of a region server. Its size is the
 /// region's when opened; a later resize needs a new `RemoteBackend`.
+/// Every mutating call carries the writer's fencing epoch.
 pub struct RemoteBackend {
     grpc: Grpc,
     region: String,
     size: u64,
     max_request: u64,
+    epoch: AtomicU64,
 }
 
 impl RemoteBackend {
@@ -306,11 +341,26 @@ impl RemoteBackend {
                 .await
                 .map_err(|s| Error::from(s).context(&u.region))?;
         }
-        c.backend(&u.region).await.map_err(status_error)
+        let b = c.backend(&u.region).await.map_err(status_error)?;
+        if let Some(e) = u.epoch {
+            b.set_epoch(e);
+        }
+        if let Some(owner) = &u.fence {
+            let r = c.get_region(&u.region).await.map_err(status_error)?;
+            b.fence(r.epoch + 1, owner).await?;
+        }
+        Ok(b)
     }
 
     pub fn region(&self) -> &str {
         &self.region
+    }
+
+    /// Writes with `epoch` from now on, without fencing: for a writer that
+    /// already holds it (a process restarted with its epoch recorded). The
+    /// server refuses the writes if the region has moved on.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
     }
 
     async fn read_call(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -388,6 +438,7 @@ impl Backend for RemoteBackend {
                 region: self.region.clone(),
                 offset: offset + pos as u64,
                 data: prost::bytes::Bytes::copy_from_slice(part),
+                epoch: self.epoch.load(Ordering::SeqCst),
             };
             self.grpc.clone().write(req).await.map_err(status_error)?;
             pos += part.len();
@@ -398,6 +449,7 @@ impl Backend for RemoteBackend {
     async fn flush(&self) -> Result<()> {
         let req = FlushRequest {
             region: self.region.clone(),
+            epoch: self.epoch.load(Ordering::SeqCst),
         };
         self.grpc.clone().flush(req).await.map_err(status_error)?;
         Ok(())
@@ -409,6 +461,7 @@ impl Backend for RemoteBackend {
             region: self.region.clone(),
             offset,
             length: len,
+            epoch: self.epoch.load(Ordering::SeqCst),
         };
         self.grpc.clone().trim(req).await.map_err(status_error)?;
         Ok(())
@@ -420,6 +473,7 @@ impl Backend for RemoteBackend {
             region: self.region.clone(),
             offset,
             length: len,
+            epoch: self.epoch.load(Ordering::SeqCst),
         };
         self.grpc
             .clone()
@@ -432,6 +486,21 @@ impl Backend for RemoteBackend {
     /// The server flushes the whole region, whoever wrote it.
     fn flush_is_global(&self) -> bool {
         true
+    }
+
+    fn epoch(&self) -> Option<u64> {
+        Some(self.epoch.load(Ordering::SeqCst))
+    }
+
+    async fn fence(&self, epoch: u64, owner: &str) -> Result<()> {
+        let req = FenceRequest {
+            id: self.region.clone(),
+            epoch,
+            owner: owner.into(),
+        };
+        self.grpc.clone().fence(req).await.map_err(status_error)?;
+        self.epoch.store(epoch, Ordering::SeqCst);
+        Ok(())
     }
 }
 

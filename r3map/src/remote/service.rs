@@ -10,17 +10,58 @@ use tonic::{Request, Response, Status};
 
 use super::pb::region_store_server::{RegionStore, RegionStoreServer};
 use super::pb::*;
-use super::store::Store;
+use super::store::{RegionMeta, Store};
 use super::{check_id, READ_PIECE};
 use crate::backend::{check_range, Backend};
 use crate::Error;
 
 type Res<T> = Result<T, Error>;
 
-/// A region's backend; `None` once deleted. Every request holds the lock
-/// shared while it runs; resize and delete hold it exclusively, so no
-/// request lands in a backend that is being replaced or removed.
-type Slot = Arc<RwLock<Option<Arc<dyn Backend>>>>;
+/// An open region: its backend and what the store records of it.
+struct Open {
+    backend: Arc<dyn Backend>,
+    meta: RegionMeta,
+}
+
+impl Open {
+    /// Refuses a mutating call from a writer whose epoch is not the
+    /// region's: older means fenced (another writer took the region over),
+    /// newer means the writer skipped `Fence`.
+    fn check_epoch(&self, id: &str, epoch: u64) -> Res<()> {
+        let m = &self.meta;
+        if epoch == m.epoch {
+            return Ok(());
+        }
+        if epoch < m.epoch {
+            return Err(Error::Fenced(format!(
+                "region {id:?} is at epoch {} (owner {:?}); this writer holds epoch {epoch} and must stop writing",
+                m.epoch, m.owner
+            )));
+        }
+        Err(Error::FailedPrecondition(format!(
+            "region {id:?} is at epoch {}; epoch {epoch} was never taken (call Fence first)",
+            m.epoch
+        )))
+    }
+
+    fn region(&self, id: &str) -> Region {
+        Region {
+            id: id.to_string(),
+            size: self.meta.size,
+            epoch: self.meta.epoch,
+            owner: self.meta.owner.clone(),
+        }
+    }
+}
+
+/// A region; `None` once deleted. Every request holds the lock shared while
+/// it runs; resize, fence and delete hold it exclusively, so no request
+/// lands in a backend that is being replaced or removed, and no write of an
+/// old epoch is still running when a fence returns.
+type Slot = Arc<RwLock<Option<Open>>>;
+
+/// An open region held shared.
+type RegionGuard = OwnedRwLockReadGuard<Option<Open>, Open>;
 
 pub struct RegionService {
     store: Store,
@@ -40,9 +81,9 @@ impl RegionService {
             ));
         }
         let mut regions = HashMap::new();
-        for (id, size) in store.load().await? {
-            let b = store.open_region(&id, size, chunk).await?;
-            regions.insert(id, Arc::new(RwLock::new(Some(b))));
+        for (id, meta) in store.load().await? {
+            let backend = store.open_region(&id, meta.size, chunk).await?;
+            regions.insert(id, Arc::new(RwLock::new(Some(Open { backend, meta }))));
         }
         Ok(Arc::new(RegionService {
             store,
@@ -73,8 +114,8 @@ impl RegionService {
     pub async fn flush_all(&self) -> Res<()> {
         let slots: Vec<Slot> = self.regions.read().unwrap().values().cloned().collect();
         for s in slots {
-            if let Some(b) = &*s.read().await {
-                b.flush().await?;
+            if let Some(o) = &*s.read().await {
+                o.backend.flush().await?;
             }
         }
         Ok(())
@@ -89,12 +130,16 @@ impl RegionService {
             .ok_or_else(|| not_found(id))
     }
 
-    /// The region's backend, held shared until the guard drops.
-    async fn backend(&self, id: &str) -> Res<OwnedRwLockReadGuard<Option<Arc<dyn Backend>>>> {
+    /// The open region, held shared until the guard drops.
+    async fn open_region(&self, id: &str) -> Res<RegionGuard> {
         let g = self.slot(id)?.read_owned().await;
-        if g.is_none() {
-            return Err(not_found(id));
-        }
+        OwnedRwLockReadGuard::try_map(g, |o| o.as_ref()).map_err(|_| not_found(id))
+    }
+
+    /// The open region, checked for a writer of `epoch`.
+    async fn writable(&self, id: &str, epoch: u64) -> Res<RegionGuard> {
+        let g = self.open_region(id).await?;
+        g.check_epoch(id, epoch)?;
         Ok(g)
     }
 
@@ -116,24 +161,30 @@ impl RegionService {
         check_id(&id)?;
         let _admin = self.admin.lock().await;
         if let Ok(slot) = self.slot(&id) {
-            let have = slot.read().await.as_ref().map(|b| b.size());
+            let have = slot.read().await.as_ref().map(|o| o.region(&id));
             if let Some(have) = have {
-                if have == size {
-                    return Ok(Region { id, size });
+                if have.size == size {
+                    return Ok(have);
                 }
+                let have = have.size;
                 return Err(Error::AlreadyExists(format!(
                     "region {id:?} already exists with {have} bytes"
                 )));
             }
         }
         self.store.create(&id, size).await?;
-        let b = self.store.open_region(&id, size, self.chunk).await?;
+        let backend = self.store.open_region(&id, size, self.chunk).await?;
+        let open = Open {
+            backend,
+            meta: RegionMeta::new(size),
+        };
+        let region = open.region(&id);
         self.regions
             .write()
             .unwrap()
-            .insert(id.clone(), Arc::new(RwLock::new(Some(b))));
+            .insert(id.clone(), Arc::new(RwLock::new(Some(open))));
         tracing::info!(region = %id, size, "created");
-        Ok(Region { id, size })
+        Ok(region)
     }
 
     async fn delete(&self, id: &str) -> Res<()> {
@@ -152,13 +203,11 @@ impl RegionService {
         let _admin = self.admin.lock().await;
         let slot = self.slot(id)?;
         let mut g = slot.write().await;
-        let old = g.as_ref().ok_or_else(|| not_found(id))?.clone();
-        let old_size = old.size();
+        let cur = g.as_ref().ok_or_else(|| not_found(id))?;
+        let (old, mut meta) = (cur.backend.clone(), cur.meta.clone());
+        let old_size = meta.size;
         if size == old_size {
-            return Ok(Region {
-                id: id.to_string(),
-                size,
-            });
+            return Ok(cur.region(id));
         }
         if size < old_size {
             // Discarded now, so a later grow reads zeros there.
@@ -168,17 +217,56 @@ impl RegionService {
         // unflushed.
         old.flush().await?;
         let new = self.store.open_region(id, size, self.chunk).await?;
+        meta.size = size;
         if self.store.is_memory() {
             copy(&*old, &*new, size.min(old_size)).await?;
         } else {
-            self.store.set_size(id, size).await?;
+            self.store.set_meta(id, &meta).await?;
         }
-        *g = Some(new);
+        let open = Open { backend: new, meta };
+        let region = open.region(id);
+        *g = Some(open);
         tracing::info!(region = %id, old_size, size, "resized");
-        Ok(Region {
-            id: id.to_string(),
-            size,
-        })
+        Ok(region)
+    }
+
+    /// Hands region `id` to `owner` at `epoch`; see `Fence` in remote.proto.
+    async fn fence(&self, id: &str, epoch: u64, owner: &str) -> Res<Region> {
+        if epoch == 0 {
+            return Err(Error::InvalidArgument("fencing epochs start at 1".into()));
+        }
+        if owner.is_empty() || owner.len() > super::MAX_ID_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "a fence needs an owner of 1 to {} bytes",
+                super::MAX_ID_LEN
+            )));
+        }
+        let slot = self.slot(id)?;
+        // Exclusive: every write of an older epoch still running finishes
+        // first, and none starts until the new epoch is recorded.
+        let mut g = slot.write().await;
+        let open = g.as_mut().ok_or_else(|| not_found(id))?;
+        let m = &open.meta;
+        if epoch == m.epoch && owner == m.owner {
+            return Ok(open.region(id));
+        }
+        if epoch <= m.epoch {
+            return Err(Error::Fenced(format!(
+                "region {id:?} is at epoch {} (owner {:?}): cannot hand epoch {epoch} to {owner:?}",
+                m.epoch, m.owner
+            )));
+        }
+        // What the old writer wrote is durable before it loses the region.
+        open.backend.flush().await?;
+        let meta = RegionMeta {
+            size: m.size,
+            epoch,
+            owner: owner.to_string(),
+        };
+        self.store.set_meta(id, &meta).await?;
+        tracing::info!(region = %id, from = open.meta.epoch, epoch, owner, "fenced");
+        open.meta = meta;
+        Ok(open.region(id))
     }
 }
 
@@ -256,8 +344,8 @@ impl RegionStore for Handle {
             .collect();
         let mut regions = Vec::with_capacity(slots.len());
         for (id, s) in slots {
-            if let Some(b) = &*s.read().await {
-                regions.push(Region { id, size: b.size() });
+            if let Some(o) = &*s.read().await {
+                regions.push(o.region(&id));
             }
         }
         regions.sort_by(|a, b| a.id.cmp(&b.id));
@@ -266,8 +354,7 @@ impl RegionStore for Handle {
 
     async fn get_region(&self, req: Request<GetRegionRequest>) -> Result<Response<Region>, Status> {
         let id = req.into_inner().id;
-        let size = self.0.backend(&id).await?.as_ref().expect("checked").size();
-        Ok(Response::new(Region { id, size }))
+        Ok(Response::new(self.0.open_region(&id).await?.region(&id)))
     }
 
     async fn resize_region(
@@ -278,20 +365,25 @@ impl RegionStore for Handle {
         Ok(Response::new(self.0.resize(&r.id, r.size).await?))
     }
 
+    async fn fence(&self, req: Request<FenceRequest>) -> Result<Response<Region>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.0.fence(&r.id, r.epoch, &r.owner).await?))
+    }
+
     type ReadStream = ReadStream;
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
         let r = req.into_inner();
         self.0.check_len(r.length)?;
-        let g = self.0.backend(&r.region).await?;
+        let g = self.0.open_region(&r.region).await?;
         // Checked before the stream starts, so the caller gets the error
         // as the call's status.
-        let size = g.as_ref().expect("checked").size();
+        let size = g.meta.size;
         check_range(r.offset, r.length, size)?;
         // Two pieces in flight: the next is read while one is sent.
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
-            let b = g.as_ref().expect("checked");
+            let b = &g.backend;
             let end = r.offset + r.length;
             let mut pos = r.offset;
             while pos < end {
@@ -317,9 +409,8 @@ impl RegionStore for Handle {
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
         let r = req.into_inner();
         self.0.check_len(r.data.len() as u64)?;
-        let g = self.0.backend(&r.region).await?;
-        g.as_ref()
-            .expect("checked")
+        let g = self.0.writable(&r.region, r.epoch).await?;
+        g.backend
             .write_at(r.offset, &r.data)
             .await
             .map_err(Status::from)?;
@@ -327,20 +418,16 @@ impl RegionStore for Handle {
     }
 
     async fn flush(&self, req: Request<FlushRequest>) -> Result<Response<FlushReply>, Status> {
-        let g = self.0.backend(&req.into_inner().region).await?;
-        g.as_ref()
-            .expect("checked")
-            .flush()
-            .await
-            .map_err(Status::from)?;
+        let r = req.into_inner();
+        let g = self.0.writable(&r.region, r.epoch).await?;
+        g.backend.flush().await.map_err(Status::from)?;
         Ok(Response::new(FlushReply {}))
     }
 
     async fn trim(&self, req: Request<RangeRequest>) -> Result<Response<RangeReply>, Status> {
         let r = req.into_inner();
-        let g = self.0.backend(&r.region).await?;
-        g.as_ref()
-            .expect("checked")
+        let g = self.0.writable(&r.region, r.epoch).await?;
+        g.backend
             .trim(r.offset, r.length)
             .await
             .map_err(Status::from)?;
@@ -352,9 +439,8 @@ impl RegionStore for Handle {
         req: Request<RangeRequest>,
     ) -> Result<Response<RangeReply>, Status> {
         let r = req.into_inner();
-        let g = self.0.backend(&r.region).await?;
-        g.as_ref()
-            .expect("checked")
+        let g = self.0.writable(&r.region, r.epoch).await?;
+        g.backend
             .write_zeroes(r.offset, r.length)
             .await
             .map_err(Status::from)?;

@@ -2,12 +2,17 @@
 //! that a restarted server lists them again:
 //!
 //! - `memory:` — in RAM; nothing is recorded, nothing survives.
-//! - `dir:PATH` — region `ID` is the chunk directory `PATH/ID`; its size is
-//!   in `PATH/ID/r3map-region`, written last on create (and removed first on
+//! - `dir:PATH` — region `ID` is the chunk directory `PATH/ID`; its
+//!   metadata (size, fencing epoch and owner) is in `PATH/ID/r3map-region`,
+//!   written aside and renamed, last on create (and removed first on
 //!   delete), so a directory without it is a leftover and never listed.
 //! - `redis://HOST:PORT/DB?prefix=P` — region `ID` is the key prefix `P:ID`,
-//!   its size is in `P:ID:size`, and the ids are in the set `P:regions`
-//!   (added last on create, removed first on delete).
+//!   its size is in `P:ID:size`, its epoch and owner in `P:ID:fence`
+//!   (`EPOCH OWNER`), and the ids are in the set `P:regions` (added last on
+//!   create, removed first on delete).
+//!
+//! The epoch is written durably before a fence returns: a restarted server
+//! keeps refusing the writers it fenced.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +28,28 @@ pub const META_FILE: &str = "r3map-region";
 /// fewer than a single-region mount.
 const OPEN_FILES_PER_REGION: usize = 64;
 
+/// What the store records of a region besides its bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegionMeta {
+    /// Size in bytes.
+    pub size: u64,
+    /// Fencing epoch; 0 until the region is first fenced.
+    pub epoch: u64,
+    /// Who holds `epoch` (empty before the first fence).
+    pub owner: String,
+}
+
+impl RegionMeta {
+    /// A never-fenced region of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        RegionMeta {
+            size,
+            ..Default::default()
+        }
+    }
+}
+
+/// A store of regions; see the module docs.
 pub enum Store {
     Memory,
     Dir(PathBuf),
@@ -63,8 +90,8 @@ impl Store {
         ))
     }
 
-    /// The regions recorded in the store, as (id, size).
-    pub async fn load(&self) -> Result<Vec<(String, u64)>> {
+    /// The regions recorded in the store.
+    pub async fn load(&self) -> Result<Vec<(String, RegionMeta)>> {
         match self {
             Store::Memory => Ok(Vec::new()),
             Store::Dir(root) => {
@@ -77,11 +104,11 @@ impl Store {
                     if super::check_id(&id).is_err() || !e.file_type()?.is_dir() {
                         continue;
                     }
-                    if let Some(size) = read_meta(&e.path())? {
-                        out.push((id, size));
+                    if let Some(meta) = read_meta(&e.path())? {
+                        out.push((id, meta));
                     }
                 }
-                out.sort();
+                out.sort_by(|a, b| a.0.cmp(&b.0));
                 Ok(out)
             }
             Store::Redis { prefix, conn, .. } => {
@@ -92,15 +119,19 @@ impl Store {
                     .await?;
                 let mut out = Vec::new();
                 for id in ids {
-                    let size: Option<u64> = redis::cmd("GET")
+                    let (size, fence): (Option<u64>, Option<String>) = redis::pipe()
+                        .cmd("GET")
                         .arg(size_key(prefix, &id))
+                        .cmd("GET")
+                        .arg(fence_key(prefix, &id))
                         .query_async(&mut conn)
                         .await?;
                     if let Some(size) = size {
-                        out.push((id, size));
+                        let (epoch, owner) = parse_fence(fence.as_deref().unwrap_or("0 "))?;
+                        out.push((id, RegionMeta { size, epoch, owner }));
                     }
                 }
-                out.sort();
+                out.sort_by(|a, b| a.0.cmp(&b.0));
                 Ok(out)
             }
         }
@@ -119,7 +150,7 @@ impl Store {
                     Err(e) => return Err(e.into()),
                 }
                 std::fs::create_dir(&dir)?;
-                write_meta(&dir, size)
+                write_meta(&dir, &RegionMeta::new(size))
             }
             Store::Redis { prefix, conn, .. } => {
                 let mut conn = conn.clone();
@@ -140,15 +171,28 @@ impl Store {
         }
     }
 
-    /// Records a new size of an existing region.
-    pub async fn set_size(&self, id: &str, size: u64) -> Result<()> {
+    /// Records new metadata (size, epoch, owner) of an existing region,
+    /// durably and atomically (the old record or the new, never a mix).
+    pub async fn set_meta(&self, id: &str, meta: &RegionMeta) -> Result<()> {
         match self {
             Store::Memory => Ok(()),
-            Store::Dir(root) => write_meta(&root.join(id), size),
+            Store::Dir(root) => {
+                let (dir, meta) = (root.join(id), meta.clone());
+                tokio::task::spawn_blocking(move || write_meta(&dir, &meta))
+                    .await
+                    .map_err(|e| Error::io(e.to_string()))?
+            }
             Store::Redis { prefix, conn, .. } => {
-                let () = redis::cmd("SET")
+                let () = redis::pipe()
+                    .atomic()
+                    .cmd("SET")
                     .arg(size_key(prefix, id))
-                    .arg(size)
+                    .arg(meta.size)
+                    .ignore()
+                    .cmd("SET")
+                    .arg(fence_key(prefix, id))
+                    .arg(format!("{} {}", meta.epoch, meta.owner))
+                    .ignore()
                     .query_async(&mut conn.clone())
                     .await?;
                 Ok(())
@@ -209,6 +253,19 @@ fn size_key(prefix: &str, id: &str) -> String {
     format!("{prefix}:{id}:size")
 }
 
+fn fence_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}:{id}:fence")
+}
+
+/// `EPOCH OWNER` (owner possibly empty).
+fn parse_fence(s: &str) -> Result<(u64, String)> {
+    let (e, o) = s.split_once(' ').unwrap_or((s, ""));
+    let epoch = e
+        .parse()
+        .map_err(|_| Error::io(format!("bad fencing record {s:?}")))?;
+    Ok((epoch, o.to_string()))
+}
+
 /// Deletes every key of region `id` (chunks, chunk size, size).
 async fn del_region_keys(conn: &mut MultiplexedConnection, prefix: &str, id: &str) -> Result<()> {
     // Ids hold no glob characters (check_id); the prefix might.
@@ -244,25 +301,35 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-fn read_meta(dir: &Path) -> Result<Option<u64>> {
+fn read_meta(dir: &Path) -> Result<Option<RegionMeta>> {
     let path = dir.join(META_FILE);
     let s = match std::fs::read_to_string(&path) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    s.lines()
-        .find_map(|l| l.strip_prefix("size "))
+    let field = |name: &str| s.lines().find_map(|l| l.strip_prefix(name));
+    let size = field("size ")
         .and_then(|v| v.trim().parse().ok())
-        .map(Some)
-        .ok_or_else(|| Error::io(format!("{}: no size in {s:?}", path.display())))
+        .ok_or_else(|| Error::io(format!("{}: no size in {s:?}", path.display())))?;
+    // Written by servers before fencing existed: never fenced.
+    let epoch = match field("epoch ") {
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| Error::io(format!("{}: bad epoch in {s:?}", path.display())))?,
+        None => 0,
+    };
+    let owner = field("owner ").unwrap_or("").trim().to_string();
+    Ok(Some(RegionMeta { size, epoch, owner }))
 }
 
-/// Written aside and renamed, so a crash leaves the old size or the new.
-fn write_meta(dir: &Path, size: u64) -> Result<()> {
+/// Written aside and renamed, so a crash leaves the old record or the new.
+fn write_meta(dir: &Path, m: &RegionMeta) -> Result<()> {
     let tmp = dir.join(format!("{META_FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
-    std::io::Write::write_all(&mut f, format!("size {size}\n").as_bytes())?;
+    let text = format!("size {}\nepoch {}\nowner {}\n", m.size, m.epoch, m.owner);
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(META_FILE))?;
     std::fs::File::open(dir)?.sync_all()?;
@@ -287,12 +354,23 @@ mod tests {
         s.create("a", 4096).await.unwrap();
         s.create("b", 8192).await.unwrap();
         std::fs::create_dir(root.join("leftover")).unwrap();
-        s.set_size("b", 100).await.unwrap();
+        let b = RegionMeta {
+            size: 100,
+            epoch: 7,
+            owner: "node-b".into(),
+        };
+        s.set_meta("b", &b).await.unwrap();
         assert_eq!(
             s.load().await.unwrap(),
-            vec![("a".to_string(), 4096), ("b".to_string(), 100)]
+            vec![
+                ("a".to_string(), RegionMeta::new(4096)),
+                ("b".to_string(), b.clone())
+            ]
         );
         s.delete("a").await.unwrap();
-        assert_eq!(s.load().await.unwrap(), vec![("b".to_string(), 100)]);
+        assert_eq!(s.load().await.unwrap(), vec![("b".to_string(), b)]);
+        // A record from before fencing reads as never fenced.
+        std::fs::write(root.join("b").join(META_FILE), "size 5\n").unwrap();
+        assert_eq!(s.load().await.unwrap()[0].1, RegionMeta::new(5));
     }
 }
