@@ -38,6 +38,8 @@ enum Cmd {
     Finalize(r3map::migration::cli::FinalizeArgs),
     /// Progress of a leech: chunks present, finalized, complete.
     MigrationStatus(r3map::migration::cli::StatusArgs),
+    /// Give a migration up before finalize (the source keeps serving, the leech drops its cache).
+    MigrationAbort(r3map::migration::cli::StatusArgs),
 }
 
 #[derive(Args)]
@@ -120,6 +122,9 @@ fn main() -> ExitCode {
             Cmd::MigrationStatus(a) => r3map::migration::cli::run_status(a)
                 .await
                 .map_err(|e| e as _),
+            Cmd::MigrationAbort(a) => r3map::migration::cli::run_abort(a)
+                .await
+                .map_err(|e| e as _),
         }
     });
     match res {
@@ -134,9 +139,10 @@ fn main() -> ExitCode {
 
 async fn serve(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let backend = backend::open(&a.backend, a.size, a.chunk_size).await?;
-    let (backend, _seed) = r3map::migration::cli::seed_wrap(&a.seed, backend, a.chunk_size)
-        .await
-        .map_err(|e| e as Box<dyn std::error::Error>)?;
+    let (backend, _seed) =
+        r3map::migration::cli::seed_wrap(&a.seed, backend, a.chunk_size, None, None)
+            .await
+            .map_err(|e| e as Box<dyn std::error::Error>)?;
     let srv = Server::single(Export::new(a.name.clone(), backend).read_only(a.read_only));
 
     let accept = if let Some(fd) = a.fd {

@@ -1175,3 +1175,428 @@ fn mutual_tls_without_token() {
     let st = dst.proc.stop();
     assert!(st.success(), "leech exited {st}:\n{}", read_log(&dst.log));
 }
+
+// ---------------------------------------------------------------------------
+// Fenced hand-over: the source is itself a managed mount over `r3map backend`
+// (each node serves its volume from a cache over the region store).
+
+/// `r3map backend` on a dir: store; returns it and its port.
+fn start_store(dir: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let log = dir.join("store.log");
+    let store = format!("dir:{}", dir.join("store").display());
+    let mut p = spawn(
+        "r3map backend",
+        &[
+            s("backend"),
+            s("--listen"),
+            format!("127.0.0.1:{port}"),
+            s("--store"),
+            store,
+            s("--chunk-size"),
+            s(64 * KIB),
+        ],
+        &log,
+    );
+    wait_until("the store", &mut p, &log, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (p, port)
+}
+
+/// `r3map mount` of `region_uri` with a Seed service: a migration source
+/// whose region lives in the store.
+fn start_mount_source(
+    dir: &Path,
+    tag: &str,
+    region_uri: &str,
+    size: u64,
+    chunk: u64,
+    durability: &str,
+) -> Source {
+    let sock = dir.join(format!("{tag}.sock"));
+    let log = dir.join(format!("{tag}.log"));
+    let seed_port = free_port();
+    let args = vec![
+        s("mount"),
+        s("--remote"),
+        s(region_uri),
+        s("--size"),
+        s(size),
+        s("--chunk-size"),
+        s(chunk),
+        s("--cache"),
+        s(dir.join(format!("{tag}.cache")).display()),
+        s("--socket"),
+        s(sock.display()),
+        s("--durability"),
+        s(durability),
+        // A busy push loop: it runs all through the migration.
+        s("--push-interval"),
+        s("30ms"),
+        s("--seed-listen"),
+        format!("127.0.0.1:{seed_port}"),
+    ];
+    let mut proc = spawn("r3map mount (source)", &args, &log);
+    wait_until("the mount", &mut proc, &log, || {
+        UnixStream::connect(&sock).is_ok()
+            && std::net::TcpStream::connect(("127.0.0.1", seed_port)).is_ok()
+    });
+    Source {
+        proc,
+        sock,
+        seed_port,
+        log,
+    }
+}
+
+/// The region as the store holds it, read through a read-only export.
+fn read_store(dir: &Path, port: u16, region: &str, size: u64) -> Vec<u8> {
+    let sock = dir.join("store-read.sock");
+    let log = dir.join("store-read.log");
+    let mut p = spawn(
+        "r3map serve (store reader)",
+        &[
+            s("serve"),
+            s("--backend"),
+            format!("r3map://127.0.0.1:{port}/{region}"),
+            s("--size"),
+            s(size),
+            s("--socket"),
+            s(sock.display()),
+            s("--read-only"),
+        ],
+        &log,
+    );
+    wait_until("the store reader", &mut p, &log, || {
+        UnixStream::connect(&sock).is_ok()
+    });
+    let v = read_export(&sock, dir);
+    p.stop();
+    v
+}
+
+/// Writes `data` at `off` through a fresh connection and flushes.
+fn write_flush(sock: &Path, off: u64, data: &[u8]) -> std::io::Result<()> {
+    let mut c = nbd_connect(sock);
+    c.seek(SeekFrom::Start(off))?;
+    c.write_all(data)?;
+    c.flush()
+}
+
+fn fenced_hand_over(durability: &str) {
+    require("nbdcopy");
+    let _g = serial();
+    let dir = tmp();
+    let (size, chunk) = (16 * MIB, 256 * KIB);
+    let (mut store, port) = start_store(dir.path());
+    let region = format!("r3map://127.0.0.1:{port}/vol");
+    // Node a takes the region (epoch 1) and serves it from its cache.
+    let mut src = start_mount_source(
+        dir.path(),
+        "a",
+        &format!("{region}?fence=node-a"),
+        size,
+        chunk,
+        durability,
+    );
+    let model = Arc::new(Mutex::new(fill(&src.sock, dir.path(), size, 21)));
+    let w = start_writers(&src.sock, model.clone(), 2, 64 * KIB, 22, Duration::ZERO);
+    let mut dst = start_leech(
+        dir.path(),
+        "b",
+        &format!("127.0.0.1:{}", src.seed_port),
+        &[s("--backend"), region.clone(), s("--owner"), s("node-b")],
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let out = finalize_ok(&dst.ctl, &[]);
+    assert_eq!(
+        field(&out, "epoch"),
+        2,
+        "taken over at the source's epoch + 1: {out}"
+    );
+    if durability == "flush" {
+        // The source pushed everything on its finalize flush.
+        assert_eq!(field(&out, "unpushed_chunks"), 0, "{out}");
+    }
+    // Writers on the source end with errors once it finalized.
+    let errs = w.join();
+    assert!(!errs.is_empty(), "source writers never saw finalize");
+    // Writes on the destination right after finalize, flushed.
+    let mut rng = SmallRng::seed_from_u64(23);
+    for _ in 0..40 {
+        let off = rng.gen_range(0..size / 4096) * 4096;
+        let mut data = vec![0u8; 4096];
+        rng.fill_bytes(&mut data);
+        write_flush(&dst.sock, off, &data).unwrap();
+        model.lock().unwrap()[off as usize..off as usize + 4096].copy_from_slice(&data);
+    }
+    let done = finalize_ok(&dst.ctl, &["--wait", "--timeout", "120s"]);
+    assert!(done.contains("complete"), "{done}");
+    // Give the source's push loop time to try (it must not: it is sealed).
+    std::thread::sleep(Duration::from_millis(200));
+    let model = model.lock().unwrap().clone();
+    assert_same(
+        "destination",
+        &read_export(&dst.sock, dir.path()),
+        &model,
+        chunk,
+    );
+    // SIGTERM: the destination pushes what it has (its writes, and the
+    // chunks the source never pushed); the source pushes nothing.
+    let st = dst.proc.stop();
+    assert!(st.success(), "leech exited {st}:\n{}", read_log(&dst.log));
+    let st = src.proc.stop();
+    assert!(st.success(), "source exited {st}:\n{}", read_log(&src.log));
+    assert_same(
+        &format!("store after a {durability} hand-over"),
+        &read_store(dir.path(), port, "vol", size),
+        &model,
+        chunk,
+    );
+
+    // The source, restarted after finalize with the epoch it held, cannot
+    // write: it comes back sealed, and the store refuses epoch 1 anyway.
+    let mut again = start_mount_source(
+        dir.path(),
+        "a",
+        &format!("{region}?epoch=1"),
+        size,
+        chunk,
+        durability,
+    );
+    let e = write_flush(&again.sock, 0, &[0xEE; 4096]);
+    assert!(e.is_err(), "a source restarted after finalize took a write");
+    std::thread::sleep(Duration::from_millis(200));
+    again.proc.stop();
+    assert!(
+        read_log(&again.log).contains("handed over before a restart"),
+        "{}",
+        read_log(&again.log)
+    );
+    assert_same(
+        "store after the old source restarted",
+        &read_store(dir.path(), port, "vol", size),
+        &model,
+        chunk,
+    );
+    store.stop();
+}
+
+#[test]
+fn fenced_hand_over_flush_durability() {
+    fenced_hand_over("flush");
+}
+
+#[test]
+fn fenced_hand_over_async_durability() {
+    fenced_hand_over("async");
+}
+
+/// Abort before finalize: the destination drops its cache and exits, the
+/// source stops tracking and keeps serving (and pushing); the store holds
+/// exactly what the source wrote.
+#[test]
+fn abort_leaves_the_source_serving() {
+    require("nbdcopy");
+    let _g = serial();
+    let dir = tmp();
+    let (size, chunk) = (8 * MIB, 256 * KIB);
+    let (mut store, port) = start_store(dir.path());
+    let region = format!("r3map://127.0.0.1:{port}/vol");
+    let mut src = start_mount_source(
+        dir.path(),
+        "a",
+        &format!("{region}?fence=node-a"),
+        size,
+        chunk,
+        "flush",
+    );
+    let mut model = fill(&src.sock, dir.path(), size, 31);
+    let mut dst = start_leech(
+        dir.path(),
+        "b",
+        &format!("127.0.0.1:{}", src.seed_port),
+        &[s("--backend"), region.clone(), s("--owner"), s("node-b")],
+    );
+    write_flush(&src.sock, MIB, &[5; 4096]).unwrap();
+    model[MIB as usize..MIB as usize + 4096].fill(5);
+    let out = Command::new(r3map_bin())
+        .args(["migration-abort", "--leech"])
+        .arg(&dst.ctl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = dst.proc.child.wait().unwrap();
+    assert!(!st.success(), "an aborted leech must not exit 0");
+    let cache = dir.path().join("b.cache");
+    for p in [
+        cache.clone(),
+        dir.path().join("b.cache.state"),
+        dir.path().join("b.cache.migration"),
+    ] {
+        assert!(!p.exists(), "{} left behind by abort", p.display());
+    }
+    let src_log = read_log(&src.log);
+    assert!(src_log.contains("aborted"), "{src_log}");
+    // The source keeps serving and writing.
+    write_flush(&src.sock, 2 * MIB, &[6; 4096]).unwrap();
+    model[2 * MIB as usize..2 * MIB as usize + 4096].fill(6);
+    assert_same(
+        "source after abort",
+        &read_export(&src.sock, dir.path()),
+        &model,
+        chunk,
+    );
+    let st = src.proc.stop();
+    assert!(st.success(), "source exited {st}");
+    assert_same(
+        "store after abort",
+        &read_store(dir.path(), port, "vol", size),
+        &model,
+        chunk,
+    );
+    store.stop();
+}
+
+/// A destination killed mid-pull and started again on the same cache
+/// resumes from the chunks it has, and ends byte-exact.
+#[test]
+fn destination_restarted_mid_pull_resumes() {
+    require("nbdcopy");
+    let _g = serial();
+    let dir = tmp();
+    let (size, chunk) = (16 * MIB, 256 * KIB);
+    let img = dir.path().join("region.img");
+    let mut src = start_source(
+        dir.path(),
+        "a",
+        &format!("file:{}", img.display()),
+        size,
+        chunk,
+    );
+    let model = Arc::new(Mutex::new(fill(&src.sock, dir.path(), size, 41)));
+    // A slow link, so the kill lands mid-pull.
+    let (_relay, rport) = relay(dir.path(), src.seed_port, "20ms");
+    let from = format!("127.0.0.1:{rport}");
+    let extra = [s("--pull-workers"), s(2)];
+    let mut dst = start_leech(dir.path(), "b", &from, &extra);
+    let w = start_writers(
+        &src.sock,
+        model.clone(),
+        1,
+        64 * KIB,
+        42,
+        Duration::from_millis(2),
+    );
+    let status = |ctl: &Path| {
+        let out = Command::new(r3map_bin())
+            .args(["migration-status", "--leech"])
+            .arg(ctl)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let before = loop {
+        let p = field(&status(&dst.ctl), "present");
+        if p >= 8 {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the pull made no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(before < size / chunk, "pulled everything before the kill");
+    kill9(&mut dst.proc);
+    let mut dst = start_leech(dir.path(), "b", &from, &extra);
+    let after = field(&status(&dst.ctl), "present");
+    assert!(after >= before, "resumed with {after} chunks, had {before}");
+    let log = strip_ansi(&read_log(&dst.log));
+    assert!(log.contains("resumed=true"), "{log}");
+    std::thread::sleep(Duration::from_millis(200));
+    let out = finalize_ok(&dst.ctl, &["--wait", "--timeout", "120s"]);
+    assert!(out.contains("complete"), "{out}");
+    w.join();
+    let model = model.lock().unwrap().clone();
+    assert_same(
+        "resumed destination",
+        &read_export(&dst.sock, dir.path()),
+        &model,
+        chunk,
+    );
+    dst.proc.stop();
+    src.proc.stop();
+}
+
+/// A log without its terminal colours.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\x1b' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A destination dropped without finalize or abort frees its mount: no
+/// task keeps it (or its cache) alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_destination_frees_its_mount() {
+    use r3map::migration::{
+        leech, net, pb::seed_server::SeedServer, seed::SeedService, Leech, Source,
+    };
+    let dir = tmp();
+    let mem: Arc<dyn r3map::Backend> =
+        Arc::new(r3map::backend::memory::Memory::new(8 * MIB, 256 * KIB));
+    let source = Source::open(mem, 256 * KIB, None, None).await.unwrap();
+    let ep: net::Endpoint = dir
+        .path()
+        .join("seed.sock")
+        .display()
+        .to_string()
+        .parse()
+        .unwrap();
+    let l = net::Listener::bind(&ep, None, None).await.unwrap();
+    let router = net::server(None)
+        .unwrap()
+        .add_service(SeedServer::new(SeedService::new(source.clone())));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(l.serve(router, stop.clone().cancelled_owned()));
+    let leech = Leech::start(leech::Config {
+        from: ep,
+        token: None,
+        tls: None,
+        cache: dir.path().join("b.cache"),
+        fallback: None,
+        owner: None,
+        patience: Duration::from_secs(5),
+        pull_workers: 2,
+    })
+    .await
+    .unwrap();
+    assert!(source.status().session != 0, "the leech started tracking");
+    let weak = Arc::downgrade(leech.managed());
+    drop(leech);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while weak.upgrade().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned leech's mount is still alive"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    let _ = server.await;
+}

@@ -53,6 +53,11 @@ pub struct MountArgs {
     /// Export name; clients asking for the empty name get this export too
     #[arg(long, default_value = "r3map")]
     pub name: String,
+    /// Migration source: `--seed-listen` and its auth (see `r3map serve`).
+    /// The finalize answer is kept in PATH.migration: a mount restarted
+    /// after handing its region over stays closed to writes and never pushes.
+    #[command(flatten)]
+    pub seed: crate::migration::cli::SeedArgs,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -93,7 +98,16 @@ pub async fn run(a: MountArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     // Pulling starts here, before the export is reachable.
     let m = Arc::new(Managed::open(&a.cache, remote.clone(), Some(remote), opts)?);
-    let srv = Server::single(Export::new(a.name.clone(), m.clone()));
+    let (served, _seed) = crate::migration::cli::seed_wrap(
+        &a.seed,
+        m.clone(),
+        a.chunk_size,
+        Some(m.clone()),
+        Some(crate::migration::record::record_path(&a.cache)),
+    )
+    .await
+    .map_err(|e| e as Box<dyn std::error::Error>)?;
+    let srv = Server::single(Export::new(a.name.clone(), served));
 
     let accept = srv.spawn_accept(server::NbdListener::bind(a.socket.as_deref(), a.listen).await?);
     let ppath = progress_path(&a.cache);
@@ -120,7 +134,8 @@ pub async fn run(a: MountArgs) -> Result<(), Box<dyn std::error::Error>> {
         r = accept => { r??; }
     }
     srv.drain().await;
-    // Whatever the durability mode, a clean exit leaves nothing unpushed.
+    // Whatever the durability mode, a clean exit leaves nothing unpushed
+    // (a sealed mount pushes nothing: its region lives elsewhere now).
     let res = m.sync().await;
     m.close().await;
     reporter.abort();

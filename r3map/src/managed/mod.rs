@@ -312,7 +312,9 @@ impl Managed {
             present_notify: Notify::new(),
             counters: Counters::default(),
             fenced: Mutex::new(None),
-            sealed: std::sync::atomic::AtomicBool::new(false),
+            sealed: std::sync::atomic::AtomicBool::new(crate::migration::record::source_finalized(
+                cache,
+            )),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             opts,
@@ -470,6 +472,11 @@ impl Managed {
             }
         }
         Ok(())
+    }
+
+    /// Makes the cache and its chunk-state file durable (no push).
+    pub async fn sync_local(&self) -> Result<()> {
+        self.inner.sync_local().await
     }
 
     /// Stops the background tasks and waits for them.

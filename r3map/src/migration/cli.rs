@@ -14,7 +14,7 @@ use super::leech::{self, Leech, LeechService};
 use super::net::{self, ClientTls, Endpoint, Listener, ServerAuth, ServerTls, Token};
 use super::pb::{self, leech_server::LeechServer, seed_server::SeedServer};
 use super::seed::SeedService;
-use super::tracked::Tracked;
+use super::source::Source;
 use crate::backend::Backend;
 use crate::nbd::{server, Export, Server};
 
@@ -110,7 +110,7 @@ impl Drop for SeedHandle {
 /// Spawns the Seed service over `region` on a bound listener.
 fn spawn_seed(
     l: Listener,
-    region: Arc<Tracked>,
+    region: Arc<Source>,
     token: Option<&Token>,
     tls: Option<&ServerTls>,
 ) -> Result<SeedHandle, BoxError> {
@@ -130,12 +130,17 @@ fn spawn_seed(
     Ok(SeedHandle { stop })
 }
 
-/// For `serve`: with `--seed-listen`, wraps `backend` in [`Tracked`] and
-/// serves Seed over it; returns the backend the NBD export must use.
+/// For `serve` and `mount`: with `--seed-listen`, wraps `backend` in a
+/// migration [`Source`] and serves Seed over it; returns the backend the
+/// NBD export must use. `managed` is the mount behind `backend`, if it is
+/// one (sealed at finalize); `record` where the finalize answer is kept
+/// (a mount's `CACHE.migration`).
 pub async fn seed_wrap(
     a: &SeedArgs,
     backend: Arc<dyn Backend>,
     chunk: u64,
+    managed: Option<Arc<crate::managed::Managed>>,
+    record: Option<PathBuf>,
 ) -> Result<(Arc<dyn Backend>, Option<SeedHandle>), BoxError> {
     let Some(ep) = &a.seed_listen else {
         if a.token_file.is_some() || a.tls.given() {
@@ -148,9 +153,9 @@ pub async fn seed_wrap(
     let token = net::token(a.token_file.as_deref())?;
     let tls = a.tls.get();
     let l = Listener::bind(ep, token.as_ref(), tls.as_ref()).await?;
-    let region = Arc::new(Tracked::new(backend, chunk));
-    let h = spawn_seed(l, region.clone(), token.as_ref(), tls.as_ref())?;
-    Ok((region, Some(h)))
+    let source = Source::open(backend, chunk, managed, record).await?;
+    let h = spawn_seed(l, source.clone(), token.as_ref(), tls.as_ref())?;
+    Ok((source.backend(), Some(h)))
 }
 
 #[derive(Args, Debug)]
@@ -159,8 +164,9 @@ pub struct LeechArgs {
     /// The source's Seed service (HOST:PORT or unix socket path)
     #[arg(long, value_name = "HOST:PORT|PATH")]
     pub from: Endpoint,
-    /// Local cache file for the region (must not exist yet); its chunk
-    /// states go to PATH.state
+    /// Local cache file for the region; its chunk states go to PATH.state
+    /// and the migration record to PATH.migration (a leech started again
+    /// on the same cache resumes)
     #[arg(long, value_name = "PATH")]
     pub cache: PathBuf,
     /// Serve the destination's NBD export on this unix socket
@@ -190,6 +196,10 @@ pub struct LeechArgs {
     /// Also serve Seed, so the next migration can pull from here (chains)
     #[arg(long, value_name = "HOST:PORT|PATH")]
     pub seed_listen: Option<Endpoint>,
+    /// This destination's name as a writer of the region (recorded by a
+    /// fenced store at finalize); random if not given
+    #[arg(long, value_name = "NAME")]
+    pub owner: Option<String>,
     /// Background pull workers (chunks in flight)
     #[arg(long, default_value_t = crate::managed::DEFAULT_PULL_WORKERS)]
     pub pull_workers: usize,
@@ -229,20 +239,24 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
         tls: a.from_tls.get(),
         cache: a.cache.clone(),
         fallback: a.backend.clone(),
+        owner: a.owner.clone(),
         patience: a.seed_timeout,
         pull_workers: a.pull_workers,
     })
     .await?;
 
-    // Writes go through Tracked so this host can seed the next migration.
-    let region = Arc::new(Tracked::new(
+    // Writes go through a Source so this host can seed the next migration.
+    let region = Source::open(
         leech.managed().clone() as Arc<dyn Backend>,
         leech.chunk_size(),
-    ));
-    let srv = Server::single(Export::new(a.name.clone(), region.clone()));
+        Some(leech.managed().clone()),
+        None,
+    )
+    .await?;
+    let srv = Server::single(Export::new(a.name.clone(), region.backend()));
     let accept = srv.spawn_accept(nbd_l);
     let stop = tokio_util::sync::CancellationToken::new();
-    {
+    let control = {
         let router = net::server(tls.as_ref())?.add_service(LeechServer::with_interceptor(
             LeechService(leech.clone()),
             ServerAuth::new(token.as_ref()),
@@ -253,8 +267,8 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
             if let Err(e) = ctl.serve(router, s.cancelled_owned()).await {
                 warn!(error = %e, "Leech control service ended");
             }
-        });
-    }
+        })
+    };
     let _seed = match seed_l {
         Some(l) => Some(spawn_seed(l, region.clone(), token.as_ref(), tls.as_ref())?),
         None => None,
@@ -273,11 +287,14 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
         _ = term.recv() => { info!("SIGTERM"); Ok(()) }
         r = accept => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())).map_err(Into::into),
         // Before finalize a fatal error means the data can never be served.
-        r = phase.wait_for(|p| p.fatal.is_some() && !p.finalized) => {
-            Err(r.map(|p| p.fatal.clone().unwrap_or_default()).unwrap_or_default().into())
+        r = phase.wait_for(|p| (p.fatal.is_some() && !p.finalized) || p.aborted) => {
+            let p = r.map(|p| p.clone()).unwrap_or_default();
+            Err(p.fatal.unwrap_or_else(|| "migration aborted".into()).into())
         }
     };
     stop.cancel();
+    // Graceful: a call in flight (the Abort that ended us) gets its answer.
+    let _ = tokio::time::timeout(Duration::from_secs(5), control).await;
     srv.shutdown();
     let ph = leech.phase().borrow().clone();
     if res.is_ok() || ph.finalized {
@@ -296,6 +313,9 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
     }
     if !ph.finalized {
         return Err("stopped before finalize: the migration did not happen".into());
+    }
+    if ph.aborted {
+        return Err("migration aborted".into());
     }
     if !leech.status().complete {
         warn!("stopped before every chunk was pulled: the rest is still on the source");
@@ -340,8 +360,10 @@ pub async fn run_finalize(a: FinalizeArgs) -> Result<(), BoxError> {
         .map_err(|s| format!("finalize: {}", s.message()))?
         .into_inner();
     println!(
-        "finalized dirty_chunks={} leech_us={} call_us={} seed_lost={}",
+        "finalized dirty_chunks={} unpushed_chunks={} epoch={} leech_us={} call_us={} seed_lost={}",
         r.dirty_chunks,
+        r.unpushed_chunks,
+        r.epoch,
         r.elapsed_us,
         t.elapsed().as_micros(),
         r.seed_lost
@@ -358,6 +380,9 @@ pub async fn run_finalize(a: FinalizeArgs) -> Result<(), BoxError> {
             .into_inner();
         if !s.error.is_empty() {
             return Err(format!("migration failed: {}", s.error).into());
+        }
+        if s.aborted {
+            return Err("migration aborted".into());
         }
         if s.complete {
             println!(
@@ -400,7 +425,7 @@ pub async fn run_status(a: StatusArgs) -> Result<(), BoxError> {
         .map_err(|s| format!("status: {}", s.message()))?
         .into_inner();
     println!(
-        "size={} chunk_size={} total={} present={} finalized={} complete={} seed_lost={} fallback={} error={:?}",
+        "size={} chunk_size={} total={} present={} finalized={} complete={} seed_lost={} fallback={} aborted={} epoch={} error={:?}",
         s.size,
         s.chunk_size,
         s.chunks_total,
@@ -409,7 +434,21 @@ pub async fn run_status(a: StatusArgs) -> Result<(), BoxError> {
         s.complete,
         s.seed_lost,
         s.fallback,
+        s.aborted,
+        s.epoch,
         s.error
     );
+    Ok(())
+}
+
+/// `r3map migration-abort`: gives a migration up before finalize.
+pub async fn run_abort(a: StatusArgs) -> Result<(), BoxError> {
+    let token = net::token(a.token_file.as_deref())?;
+    let ch = net::connect(&a.leech, token.as_ref(), a.tls.get().as_ref()).await?;
+    pb::leech_client::LeechClient::new(ch)
+        .abort(pb::LeechAbortRequest {})
+        .await
+        .map_err(|s| format!("abort: {}", s.message()))?;
+    println!("aborted");
     Ok(())
 }

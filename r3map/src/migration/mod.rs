@@ -8,9 +8,14 @@
 pub mod cli;
 pub mod leech;
 pub mod net;
+pub mod record;
 pub mod seed;
+pub mod source;
 pub mod tracked;
 
+pub use leech::{Leech, MigrationStatus};
+pub use record::Handover;
+pub use source::{Source, SourceStatus};
 pub use tracked::{ChunkSet, Tracked};
 
 /// Generated from proto/migration.proto.

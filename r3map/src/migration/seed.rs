@@ -12,7 +12,9 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use super::pb::{self, seed_server};
-use super::tracked::{ChunkSet, Tracked};
+use super::record::Handover;
+use super::source::Source;
+use super::tracked::ChunkSet;
 use crate::backend::{check_range, Backend, Error, Result};
 
 /// Largest piece of data in one `ReadReply`: well under tonic's 4 MiB
@@ -24,12 +26,13 @@ pub const MAX_READ: u64 = 64 << 20;
 
 /// The `Seed` service over one region.
 pub struct SeedService {
-    region: Arc<Tracked>,
+    source: Arc<Source>,
 }
 
 impl SeedService {
-    pub fn new(region: Arc<Tracked>) -> Self {
-        SeedService { region }
+    /// The service over a migration source.
+    pub fn new(source: Arc<Source>) -> Self {
+        SeedService { source }
     }
 
     pub fn into_server(self) -> seed_server::SeedServer<Self> {
@@ -38,10 +41,7 @@ impl SeedService {
 }
 
 fn status(e: Error) -> Status {
-    match e {
-        Error::OutOfRange { .. } => Status::out_of_range(e.to_string()),
-        e => Status::internal(e.to_string()),
-    }
+    Status::from(e)
 }
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadReply, Status>> + Send>>;
@@ -49,11 +49,14 @@ type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadReply, Status>> + Sen
 #[tonic::async_trait]
 impl seed_server::Seed for SeedService {
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoReply>, Status> {
+        let region = self.source.tracked();
+        let st = self.source.status();
         Ok(Response::new(pb::InfoReply {
-            size: self.region.size(),
-            chunk_size: self.region.chunk_size(),
-            tracking: self.region.is_tracking(),
-            finalized: self.region.is_finalized(),
+            size: region.size(),
+            chunk_size: region.chunk_size(),
+            tracking: region.is_tracking(),
+            finalized: st.finalized,
+            session: st.session,
         }))
     }
 
@@ -61,16 +64,24 @@ impl seed_server::Seed for SeedService {
         &self,
         _: Request<pb::TrackRequest>,
     ) -> Result<Response<pb::TrackReply>, Status> {
-        self.region.track().await;
-        info!("migration: tracking writes");
-        Ok(Response::new(pb::TrackReply {}))
+        let session = self.source.track().await?;
+        Ok(Response::new(pb::TrackReply { session }))
+    }
+
+    async fn abort(
+        &self,
+        req: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortReply>, Status> {
+        self.source.abort(req.into_inner().session).await?;
+        Ok(Response::new(pb::AbortReply {}))
     }
 
     type ReadStream = ReadStream;
 
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<ReadStream>, Status> {
         let pb::ReadRequest { offset, length } = req.into_inner();
-        check_range(offset, length, self.region.size()).map_err(status)?;
+        let region = self.source.tracked().clone();
+        check_range(offset, length, region.size()).map_err(status)?;
         if length > MAX_READ {
             return Err(Status::invalid_argument(format!(
                 "read of {length} bytes: at most {MAX_READ} per call"
@@ -79,7 +90,6 @@ impl seed_server::Seed for SeedService {
         // Pieces are read one ahead of the sender: bounded memory, and the
         // next read overlaps the send of the previous piece.
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let region = self.region.clone();
         tokio::spawn(async move {
             let mut pos = offset;
             let end = offset + length;
@@ -104,59 +114,83 @@ impl seed_server::Seed for SeedService {
 
     async fn finalize(
         &self,
-        _: Request<pb::FinalizeRequest>,
+        req: Request<pb::FinalizeRequest>,
     ) -> Result<Response<pb::FinalizeReply>, Status> {
-        if !self.region.is_tracking() {
-            // Without a record the destination could not know what changed.
-            return Err(Status::failed_precondition(
-                "finalize before track: the destination never started",
-            ));
-        }
         let t = Instant::now();
-        let set = self.region.finalize().await.map_err(status)?;
+        let h = self.source.finalize(req.into_inner().session).await?;
+        let reply = finalize_reply(&h);
         info!(
-            dirty_chunks = set.count(),
+            dirty_chunks = reply.dirty_chunks,
+            unpushed_chunks = reply.unpushed_chunks,
             took = ?t.elapsed(),
             "migration: finalized; writes are closed, reads stay open for the destination"
         );
-        Ok(Response::new(finalize_reply(&set)))
+        Ok(Response::new(reply))
     }
 }
 
-pub(crate) fn finalize_reply(set: &ChunkSet) -> pb::FinalizeReply {
+fn to_pb(runs: &[(u64, u64)]) -> (Vec<pb::ChunkRange>, u64) {
+    let list = runs
+        .iter()
+        .map(|&(first, count)| pb::ChunkRange { first, count })
+        .collect();
+    (list, runs.iter().map(|r| r.1).sum())
+}
+
+/// The wire form of a hand-over.
+pub(crate) fn finalize_reply(h: &Handover) -> pb::FinalizeReply {
+    let (dirty, dirty_chunks) = to_pb(&h.dirty);
+    let (unpushed, unpushed_chunks) = to_pb(&h.unpushed);
     pb::FinalizeReply {
-        dirty: set
-            .ranges()
-            .into_iter()
-            .map(|(first, count)| pb::ChunkRange { first, count })
-            .collect(),
-        dirty_chunks: set.count(),
+        dirty,
+        dirty_chunks,
+        unpushed,
+        unpushed_chunks,
+        epoch: h.epoch.unwrap_or(0),
+        fencing: h.epoch.is_some(),
+        session: h.session,
     }
 }
 
-/// Chunk indices of a finalize reply, checked against the region: a reply
-/// whose ranges do not add up to its count, or name chunks past the end, is
-/// refused rather than half-applied.
-pub fn dirty_chunks(reply: &pb::FinalizeReply, chunks: u64) -> Result<Vec<u64>, String> {
+/// Chunk indices of a list of runs from the wire, checked against the
+/// region: runs that do not add up to `count`, or name chunks past the
+/// end, are refused rather than half-applied.
+pub fn chunk_list(
+    what: &str,
+    runs: &[pb::ChunkRange],
+    count: u64,
+    chunks: u64,
+) -> Result<Vec<u64>, String> {
     let mut set = ChunkSet::new(chunks);
-    for r in &reply.dirty {
+    for r in runs {
         let end = r.first.checked_add(r.count).filter(|&e| e <= chunks);
         if end.is_none() {
             return Err(format!(
-                "dirty range {}+{} is outside the {chunks} chunks of the region",
+                "{what} range {}+{} is outside the {chunks} chunks of the region",
                 r.first, r.count
             ));
         }
         set.insert_range(r.first, r.count);
     }
-    if set.count() != reply.dirty_chunks {
+    if set.count() != count {
         return Err(format!(
-            "dirty list names {} chunks but says {}",
-            set.count(),
-            reply.dirty_chunks
+            "{what} list names {} chunks but says {count}",
+            set.count()
         ));
     }
     Ok(set.iter().collect())
+}
+
+/// The hand-over in a finalize reply, checked (see [`chunk_list`]).
+pub fn handover_of(reply: &pb::FinalizeReply, chunks: u64) -> Result<Handover, String> {
+    let dirty = chunk_list("dirty", &reply.dirty, reply.dirty_chunks, chunks)?;
+    let unpushed = chunk_list("unpushed", &reply.unpushed, reply.unpushed_chunks, chunks)?;
+    Ok(Handover {
+        session: reply.session,
+        dirty: super::source::runs(dirty),
+        unpushed: super::source::runs(unpushed),
+        epoch: reply.fencing.then_some(reply.epoch),
+    })
 }
 
 /// A client of a `Seed` with the channel's auth applied.

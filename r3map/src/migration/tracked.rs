@@ -183,6 +183,31 @@ impl Tracked {
         Ok(set)
     }
 
+    /// Stops tracking and forgets the record (a migration given up before
+    /// finalize); writes go on as before. Refused after finalize: the
+    /// region already belongs to the destination.
+    pub async fn abort(&self) -> Result<()> {
+        let _x = self.gate.write().await;
+        let mut st = self.state.lock().unwrap();
+        if st.finalized.is_some() {
+            return Err(Error::FailedPrecondition(
+                "the migration was finalized: the region belongs to the destination".into(),
+            ));
+        }
+        st.tracking = false;
+        st.dirty = ChunkSet::new(st.dirty.capacity());
+        Ok(())
+    }
+
+    /// Marks the region finalized with `set` as its record, without a
+    /// flush: a source restarted after finalize stays closed to writes and
+    /// answers a repeated finalize with the same set.
+    pub fn restore_finalized(&self, set: ChunkSet) {
+        let mut st = self.state.lock().unwrap();
+        st.tracking = true;
+        st.finalized = Some(Arc::new(set));
+    }
+
     /// Records `offset..offset+len` if tracking; refuses once finalized.
     /// Called with the gate held shared.
     fn record(&self, offset: u64, len: u64) -> Result<()> {
@@ -241,6 +266,14 @@ impl Backend for Tracked {
     fn flush_is_global(&self) -> bool {
         self.inner.flush_is_global()
     }
+
+    fn epoch(&self) -> Option<u64> {
+        self.inner.epoch()
+    }
+
+    async fn fence(&self, epoch: u64, owner: &str) -> Result<()> {
+        self.inner.fence(epoch, owner).await
+    }
 }
 
 #[cfg(test)]
@@ -273,6 +306,7 @@ mod tests {
         t.track().await; // idempotent: keeps the record
         let set = t.finalize().await.unwrap();
         assert_eq!(set.iter().collect::<Vec<_>>(), vec![2, 3, 7, 9]);
+        assert!(t.abort().await.is_err(), "no abort after finalize");
         let err = t.write_at(0, &[3; 4]).await.unwrap_err();
         assert_eq!(
             crate::nbd::proto::errno_of(&err),
@@ -284,6 +318,23 @@ mod tests {
         t.read_at(0, &mut b).await.unwrap();
         assert_eq!(b, [1; 4]);
         assert_eq!(*t.finalize().await.unwrap(), *set);
+    }
+
+    #[tokio::test]
+    async fn abort_forgets_the_record_and_keeps_writes_open() {
+        let t = Tracked::new(Arc::new(Memory::new(10 * 4096, 4096)), 4096);
+        t.track().await;
+        t.write_at(4096, &[1; 10]).await.unwrap();
+        assert_eq!(t.dirty_count(), 1);
+        t.abort().await.unwrap();
+        assert!(!t.is_tracking());
+        assert_eq!(t.dirty_count(), 0);
+        t.write_at(0, &[2; 10]).await.unwrap();
+        assert_eq!(t.dirty_count(), 0, "not tracking after abort");
+        t.track().await;
+        t.write_at(8192, &[3; 1]).await.unwrap();
+        let set = t.finalize().await.unwrap();
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![2]);
     }
 
     #[tokio::test]
