@@ -239,6 +239,11 @@ pub struct ConnectConfig {
 /// What `NBD_CMD_RECONFIGURE` may change besides the sockets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReconfigureConfig {
+    /// `NBD_ATTR_BACKEND_IDENTIFIER`. Required by the kernel (6.1) when the
+    /// device was connected with one, and compared with it: a mismatch is
+    /// EINVAL ("backend image doesn't match"), a missing one too ("must
+    /// specify backend").
+    pub identifier: Option<String>,
     /// New `NBD_ATTR_TIMEOUT`, if any.
     pub io_timeout: Option<Duration>,
     /// New `NBD_ATTR_DEAD_CONN_TIMEOUT`, if any.
@@ -335,6 +340,9 @@ pub fn reconfigure_msg(
 ) -> Result<NbdMsg> {
     let mut attrs = GenlBuffer::new();
     attrs.push(attr(NbdAttr::Index, index)?);
+    if let Some(id) = &cfg.identifier {
+        attrs.push(attr(NbdAttr::BackendIdentifier, id.as_str())?);
+    }
     if let Some(t) = cfg.io_timeout {
         attrs.push(attr(NbdAttr::Timeout, secs(t))?);
     }
@@ -604,7 +612,10 @@ mod tests {
         let fd = f.as_fd();
         let bytes = encode(FAM, connect_msg(&[fd, fd], &cfg()).unwrap()).unwrap();
         // nlmsghdr: len, type = family, flags = REQUEST|ACK.
-        assert_eq!(u32::from_ne_bytes(bytes[0..4].try_into().unwrap()) as usize, bytes.len());
+        assert_eq!(
+            u32::from_ne_bytes(bytes[0..4].try_into().unwrap()) as usize,
+            bytes.len()
+        );
         assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), FAM);
         assert_eq!(u16::from_ne_bytes([bytes[6], bytes[7]]), 0x1 | 0x4);
         // genlmsghdr: cmd, version, reserved.
@@ -643,10 +654,16 @@ mod tests {
         let f = std::fs::File::open("/dev/null").unwrap();
         let mut c = cfg();
         c.block_size = 1000;
-        assert!(matches!(connect_msg(&[f.as_fd()], &c), Err(Error::Invalid(_))));
+        assert!(matches!(
+            connect_msg(&[f.as_fd()], &c),
+            Err(Error::Invalid(_))
+        ));
         let mut c = cfg();
         c.size_bytes = 4096 * 3 + 512;
-        assert!(matches!(connect_msg(&[f.as_fd()], &c), Err(Error::Invalid(_))));
+        assert!(matches!(
+            connect_msg(&[f.as_fd()], &c),
+            Err(Error::Invalid(_))
+        ));
         assert!(matches!(connect_msg(&[], &cfg()), Err(Error::Invalid(_))));
     }
 
@@ -654,6 +671,7 @@ mod tests {
     fn reconfigure_disconnect_status_messages() {
         let f = std::fs::File::open("/dev/null").unwrap();
         let rc = ReconfigureConfig {
+            identifier: Some("pvc-0123".into()),
             io_timeout: None,
             dead_conn_timeout: Some(Duration::from_secs(60)),
             client_flags: None,
@@ -662,7 +680,8 @@ mod tests {
         assert_eq!(b[16], 3, "NBD_CMD_RECONFIGURE");
         let a = attrs(&b[20..]);
         let types: Vec<u16> = a.iter().map(|(t, _)| *t).collect();
-        assert_eq!(types, vec![1, 8, 0x8000 | 7]);
+        assert_eq!(types, vec![1, 10, 8, 0x8000 | 7]);
+        assert_eq!(a[1].1.as_slice(), b"pvc-0123\0");
         assert_eq!(u32::from_ne_bytes(a[0].1.clone().try_into().unwrap()), 7);
 
         let b = encode(FAM, disconnect_msg(3).unwrap()).unwrap();
@@ -693,8 +712,7 @@ mod tests {
         msg.to_bytes(&mut buf).unwrap();
         let bytes = buf.into_inner();
         let parsed =
-            NbdMsg::from_bytes_with_input(&mut Cursor::new(bytes.as_slice()), bytes.len())
-                .unwrap();
+            NbdMsg::from_bytes_with_input(&mut Cursor::new(bytes.as_slice()), bytes.len()).unwrap();
         assert_eq!(
             parse_status_reply(&parsed).unwrap(),
             vec![

@@ -112,6 +112,9 @@ mod tests {
         // No such device.
         let none = NbdSysfs::under(root.path(), 9);
         assert!(!none.exists());
-        assert_eq!(none.size_bytes().unwrap_err().kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            none.size_bytes().unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
     }
 }
