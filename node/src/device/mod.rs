@@ -15,4 +15,5 @@ pub mod sysfs;
 
 pub use netlink::{
     ClientFlags, ConnectConfig, DeviceStatus, Error, NbdNetlink, ReconfigureConfig, Result,
+    NODE_DEAD_CONN_TIMEOUT, NODE_IO_TIMEOUT,
 };

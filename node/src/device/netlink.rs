@@ -48,6 +48,18 @@ pub mod server_flags {
     pub const CAN_MULTI_CONN: u64 = 1 << 8;
 }
 
+/// The node plugin's `NBD_ATTR_TIMEOUT`: a request in flight when the
+/// server dies is resent on the new socket after this long (the block
+/// layer's default without one is the same 30 s, measured in the guest),
+/// and a wedged server is cut off instead of hanging I/O for ever.
+/// docs/nbd-netlink.md has the measurements.
+pub const NODE_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The node plugin's `NBD_ATTR_DEAD_CONN_TIMEOUT`: how long I/O waits for a
+/// restarted plugin to RECONFIGURE before it fails with EIO. Longer than a
+/// pod restart, short enough not to leave writers in D-state for long.
+pub const NODE_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Client flags (`NBD_ATTR_CLIENT_FLAGS`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClientFlags {
