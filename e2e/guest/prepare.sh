@@ -3,6 +3,10 @@
 #   guest/vmlinux        Debian's 6.1 kernel, uncompressed, booted via its PVH note
 #   guest/vmlinuz        the same kernel as bzImage (fallback)
 #   guest/initramfs.gz   busybox, nbd-client and its libs, mmapcheck, nbd.ko + virtio-net modules, /init
+# Env: R3MAP_GUEST_EXTRA_BINS="PATH..." adds dynamically linked binaries
+# (stripped, with the libraries ldd lists) to /bin, and then the initramfs is
+# written as guest/initramfs-extra.gz instead, so that a run with extra
+# binaries and one without do not rebuild each other's image.
 # The kernel package is fetched with `apt-get download` and unpacked with
 # `dpkg -x`: nothing is installed system-wide. Prints the cache dir on success.
 set -euo pipefail
@@ -110,11 +114,15 @@ if [ ! -f "$out/mmapcheck" ] || [ "$here/mmapcheck.c" -nt "$out/mmapcheck" ]; th
 fi
 
 # --- the initramfs ----------------------------------------------------------
-stamp_inputs=("$here/init" "$here/prepare.sh" "$out/mmapcheck" "$deb" "$busybox" "$(command -v nbd-client)")
+extra=(${R3MAP_GUEST_EXTRA_BINS:-})
+img=initramfs.gz
+[ ${#extra[@]} -gt 0 ] && img=initramfs-extra.gz
+for b in "${extra[@]}"; do [ -x "$b" ] || die "extra binary $b is missing"; done
+stamp_inputs=("$here/init" "$here/netlink.sh" "$here/prepare.sh" "$out/mmapcheck" "$deb" "$busybox" "$(command -v nbd-client)" "${extra[@]}")
 fresh=1
-[ -f "$out/initramfs.gz" ] || fresh=0
+[ -f "$out/$img" ] || fresh=0
 for f in "${stamp_inputs[@]}"; do
-  [ "$fresh" = 1 ] && [ "$f" -nt "$out/initramfs.gz" ] && fresh=0
+  [ "$fresh" = 1 ] && [ "$f" -nt "$out/$img" ] && fresh=0
 done
 if [ "$fresh" = 0 ]; then
   root=$(mktemp -d "$cache/root.XXXXXX")
@@ -127,8 +135,12 @@ if [ "$fresh" = 0 ]; then
   cp "$out/mmapcheck" "$root/bin/mmapcheck"
   nbdc=$(command -v nbd-client)
   cp "$nbdc" "$root/bin/nbd-client"
+  for b in "${extra[@]}"; do
+    # Stripped: the release profile's line tables would only cost boot time.
+    strip -o "$root/bin/$(basename "$b")" "$b" 2>/dev/null || cp "$b" "$root/bin/"
+  done
   # Shared libraries at the paths ldd resolved them to, plus the loader.
-  for lib in $(ldd "$nbdc" | grep -oE '/[^ ]+'); do
+  for lib in $(for b in "$nbdc" "${extra[@]}"; do ldd "$b"; done | grep -oE '/[^ ]+' | sort -u); do
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
   done
@@ -149,8 +161,9 @@ if [ "$fresh" = 0 ]; then
     done
   done
   cp "$here/init" "$root/init"
-  chmod 755 "$root/init"
-  (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1 >"$out/initramfs.gz.tmp")
-  mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
+  cp "$here/netlink.sh" "$root/netlink.sh"
+  chmod 755 "$root/init" "$root/netlink.sh"
+  (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1 >"$out/$img.tmp")
+  mv "$out/$img.tmp" "$out/$img"
 fi
 echo "$out"

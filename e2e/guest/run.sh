@@ -4,7 +4,10 @@
 # network) and prints R3MAP-GUEST markers on this script's stdout.
 #   run.sh PORT SEED
 # Env: R3MAP_GUEST_TIMEOUT (s, default 240), R3MAP_GUEST_ACCEL (default tcg),
-#      R3MAP_GUEST_KERNEL=vmlinux|vmlinuz (default: vmlinux if prepare.sh made one).
+#      R3MAP_GUEST_KERNEL=vmlinux|vmlinuz (default: vmlinux if prepare.sh made one),
+#      R3MAP_GUEST_INITRAMFS (default initramfs.gz; initramfs-extra.gz for
+#      an image with R3MAP_GUEST_EXTRA_BINS), R3MAP_GUEST_APPEND (more
+#      kernel parameters, e.g. r3map_scenario=netlink).
 # Exits 0 only if the guest printed "R3MAP-GUEST: PASS".
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 PORT SEED" >&2; exit 2; }
@@ -16,8 +19,9 @@ if [ -z "$kernel" ]; then
   kernel=vmlinuz
   [ -f "$out/vmlinux" ] && kernel=vmlinux
 fi
-[ -f "$out/$kernel" ] && [ -f "$out/initramfs.gz" ] || {
-  echo "run.sh: $out/$kernel or initramfs.gz missing: run prepare.sh first" >&2
+initrd=${R3MAP_GUEST_INITRAMFS:-initramfs.gz}
+[ -f "$out/$kernel" ] && [ -f "$out/$initrd" ] || {
+  echo "run.sh: $out/$kernel or $initrd missing: run prepare.sh first" >&2
   exit 2
 }
 
@@ -31,8 +35,8 @@ rc=0
 timeout -k 5 "${R3MAP_GUEST_TIMEOUT:-240}" \
   qemu-system-x86_64 -accel "${R3MAP_GUEST_ACCEL:-tcg}" -m 512M -smp 2 \
   -nographic -no-reboot -nodefaults -serial stdio -monitor none \
-  -kernel "$out/$kernel" -initrd "$out/initramfs.gz" \
-  -append "console=ttyS0 quiet panic=-1 r3map_host=10.0.2.2 r3map_port=$port r3map_seed=$seed" \
+  -kernel "$out/$kernel" -initrd "$out/$initrd" \
+  -append "console=ttyS0 quiet panic=-1 r3map_host=10.0.2.2 r3map_port=$port r3map_seed=$seed ${R3MAP_GUEST_APPEND:-}" \
   -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= </dev/null | tee "$log" || rc=$?
 [ "$rc" = 124 ] && echo "run.sh: guest timed out" >&2
 grep -q '^R3MAP-GUEST: PASS' <(tr -d '\r' <"$log")

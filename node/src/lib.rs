@@ -1,0 +1,4 @@
+//! The r3map-csi node plugin: attaches volumes as kernel NBD devices
+//! (`/dev/nbdN`) whose other end the r3map engine serves from user space.
+
+pub mod device;
