@@ -71,7 +71,7 @@ pub fn path_under(field: &str, value: &str, roots: &[&Path]) -> Result<(), CsiEr
     if !p.is_absolute() {
         return Err(invalid(format!("{field} {value:?} is not absolute")));
     }
-    if value.split('/').any(|c| c == "..")
+    if value.split('/').any(|c| c == ".." || c == ".")
         || p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
     {
         return Err(invalid(format!("{field} {value:?} has a '..' or '.' component")));

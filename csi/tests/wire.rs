@@ -1,0 +1,158 @@
+//! The generated code speaks csi.v1 on the wire: field numbers checked
+//! through encoded bytes, and the gRPC paths kubelet and the sidecars call.
+
+use std::collections::HashMap;
+
+use csi::capabilities::block;
+use csi::pb::volume_capability::access_mode::Mode;
+use csi::pb::*;
+use prost::Message;
+
+/// The tag byte of field `n` with wire type 2 (length-delimited).
+fn ld(n: u8) -> u8 {
+    (n << 3) | 2
+}
+
+/// Whether `bytes` has a top-level field `n`, walking the encoding.
+fn fields(bytes: &[u8]) -> Vec<(u64, u8)> {
+    let mut out = Vec::new();
+    let mut b = bytes;
+    let varint = |b: &mut &[u8]| -> u64 {
+        let mut v = 0u64;
+        let mut s = 0;
+        loop {
+            let x = b[0];
+            *b = &b[1..];
+            v |= u64::from(x & 0x7f) << s;
+            s += 7;
+            if x & 0x80 == 0 {
+                return v;
+            }
+        }
+    };
+    while !b.is_empty() {
+        let key = varint(&mut b);
+        let (num, wt) = (key >> 3, (key & 7) as u8);
+        match wt {
+            0 => {
+                varint(&mut b);
+            }
+            2 => {
+                let n = varint(&mut b) as usize;
+                b = &b[n..];
+            }
+            1 => b = &b[8..],
+            5 => b = &b[4..],
+            _ => panic!("wire type {wt}"),
+        }
+        out.push((num, wt));
+    }
+    out
+}
+
+#[test]
+fn create_volume_request_numbers() {
+    let r = CreateVolumeRequest {
+        name: "pvc-1".into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 1 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![block(Mode::SingleNodeWriter)],
+        parameters: HashMap::from([("chunkSize".into(), "1MiB".into())]),
+        secrets: HashMap::from([("token".into(), "t".into())]),
+        ..Default::default()
+    };
+    let bytes = r.encode_to_vec();
+    assert_eq!(bytes[0], ld(1));
+    assert_eq!(&bytes[2..7], b"pvc-1");
+    let f = fields(&bytes);
+    assert_eq!(f, vec![(1, 2), (2, 2), (3, 2), (4, 2), (5, 2)]);
+    assert_eq!(CreateVolumeRequest::decode(&bytes[..]).unwrap(), r);
+    // CapacityRange: required_bytes = 1 (varint).
+    let c = CapacityRange {
+        required_bytes: 5,
+        limit_bytes: 7,
+    }
+    .encode_to_vec();
+    assert_eq!(c, vec![0x08, 5, 0x10, 7]);
+    // VolumeCapability: block = 1, access_mode = 3, mode SINGLE_NODE_WRITER = 1.
+    let v = block(Mode::SingleNodeWriter).encode_to_vec();
+    assert_eq!(v, vec![ld(1), 0, ld(3), 2, 0x08, 1]);
+    assert_eq!(Mode::SingleNodeSingleWriter as i32, 6);
+    assert_eq!(Mode::MultiNodeMultiWriter as i32, 5);
+}
+
+#[test]
+fn node_request_numbers() {
+    let stage = NodeStageVolumeRequest {
+        staging_target_path: "/s".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    assert_eq!(stage, vec![ld(3), 2, b'/', b's']);
+    let publish = NodePublishVolumeRequest {
+        target_path: "/t".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    assert_eq!(publish, vec![ld(4), 2, b'/', b't']);
+    let publish = NodePublishVolumeRequest {
+        volume_id: "v".into(),
+        staging_target_path: "/s".into(),
+        target_path: "/t".into(),
+        volume_capability: Some(block(Mode::SingleNodeWriter)),
+        readonly: true,
+        ..Default::default()
+    };
+    let f = fields(&publish.encode_to_vec());
+    assert_eq!(f, vec![(1, 2), (3, 2), (4, 2), (5, 2), (6, 0)]);
+    assert_eq!(
+        NodePublishVolumeRequest::decode(&publish.encode_to_vec()[..]).unwrap(),
+        publish
+    );
+}
+
+#[test]
+fn controller_message_numbers() {
+    let p = ControllerPublishVolumeRequest {
+        volume_id: "v".into(),
+        node_id: "n".into(),
+        volume_capability: Some(block(Mode::SingleNodeWriter)),
+        readonly: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        fields(&p.encode_to_vec()),
+        vec![(1, 2), (2, 2), (3, 2), (4, 0)]
+    );
+    let v = Volume {
+        capacity_bytes: 1,
+        volume_id: "v".into(),
+        ..Default::default()
+    };
+    assert_eq!(v.encode_to_vec(), vec![0x08, 1, ld(2), 1, b'v']);
+    let e = ControllerExpandVolumeResponse {
+        capacity_bytes: 2,
+        node_expansion_required: true,
+    };
+    assert_eq!(e.encode_to_vec(), vec![0x08, 2, 0x10, 1]);
+    let l = ListVolumesRequest {
+        max_entries: 3,
+        starting_token: "x".into(),
+    };
+    assert_eq!(l.encode_to_vec(), vec![0x08, 3, ld(2), 1, b'x']);
+    // ProbeResponse.ready is a google.protobuf.BoolValue (a message).
+    let pr = ProbeResponse { ready: Some(true) }.encode_to_vec();
+    assert_eq!(pr, vec![ld(1), 2, 0x08, 1]);
+}
+
+#[test]
+fn grpc_paths() {
+    assert_eq!(
+        csi::pb::controller_server::SERVICE_NAME,
+        "csi.v1.Controller"
+    );
+    assert_eq!(csi::pb::identity_server::SERVICE_NAME, "csi.v1.Identity");
+    assert_eq!(csi::pb::node_server::SERVICE_NAME, "csi.v1.Node");
+}
