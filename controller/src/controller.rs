@@ -16,7 +16,7 @@ use csi::pb::volume_capability::access_mode::Mode;
 use csi::pb::*;
 use csi::trace::traced;
 use csi::validate;
-use csi::{CsiError, CsiResult, Credentials, InFlight, Params};
+use csi::{Credentials, CsiError, CsiResult, InFlight, Params};
 use tokio::sync::Mutex;
 use tonic::{Code, Request, Response, Status};
 
@@ -39,6 +39,9 @@ pub struct ControllerService {
     hold: Duration,
 }
 
+/// The one conversion of a result to a gRPC answer (tonic's signatures
+/// return the large `Status`).
+#[allow(clippy::result_large_err)]
 fn ok<T>(r: CsiResult<T>) -> Result<Response<T>, Status> {
     r.map(Response::new).map_err(Status::from)
 }
@@ -455,8 +458,7 @@ impl ControllerService {
         if !r.parameters.is_empty() {
             Params::from_map(&r.parameters)?;
         }
-        if !r.volume_capabilities.is_empty()
-            && capabilities::check(&r.volume_capabilities).is_err()
+        if !r.volume_capabilities.is_empty() && capabilities::check(&r.volume_capabilities).is_err()
         {
             return Ok(GetCapacityResponse::default());
         }

@@ -248,17 +248,26 @@ async fn create_and_delete() {
 
     // Malformed and missing arguments.
     let mut r = create_req("", MIB);
-    assert_eq!(code(c.create_volume(r.clone()).await), Code::InvalidArgument);
+    assert_eq!(
+        code(c.create_volume(r.clone()).await),
+        Code::InvalidArgument
+    );
     r.name = "v1".into();
     r.volume_capabilities.clear();
-    assert_eq!(code(c.create_volume(r.clone()).await), Code::InvalidArgument);
+    assert_eq!(
+        code(c.create_volume(r.clone()).await),
+        Code::InvalidArgument
+    );
     r.volume_capabilities = vec![VolumeCapability {
         access_type: Some(volume_capability::AccessType::Mount(Default::default())),
         access_mode: Some(volume_capability::AccessMode {
             mode: Mode::SingleNodeWriter as i32,
         }),
     }];
-    assert_eq!(code(c.create_volume(r.clone()).await), Code::InvalidArgument);
+    assert_eq!(
+        code(c.create_volume(r.clone()).await),
+        Code::InvalidArgument
+    );
     let mut r = create_req("v1", MIB);
     r.parameters.insert("pushInterval".into(), "never".into());
     let e = c.create_volume(r).await.unwrap_err();
@@ -269,12 +278,18 @@ async fn create_and_delete() {
         required_bytes: -1,
         limit_bytes: 0,
     });
-    assert_eq!(code(c.create_volume(r.clone()).await), Code::InvalidArgument);
+    assert_eq!(
+        code(c.create_volume(r.clone()).await),
+        Code::InvalidArgument
+    );
     r.capacity_range = Some(CapacityRange {
         required_bytes: 2 * MIB,
         limit_bytes: MIB,
     });
-    assert_eq!(code(c.create_volume(r.clone()).await), Code::InvalidArgument);
+    assert_eq!(
+        code(c.create_volume(r.clone()).await),
+        Code::InvalidArgument
+    );
     assert_eq!(
         code(c.create_volume(create_req("huge", 2 << 30)).await),
         Code::OutOfRange
@@ -306,7 +321,10 @@ async fn create_and_delete() {
         ..Default::default()
     };
     assert_eq!(code(c.delete_volume(del("")).await), Code::InvalidArgument);
-    assert_eq!(code(c.delete_volume(del("a/b")).await), Code::InvalidArgument);
+    assert_eq!(
+        code(c.delete_volume(del("a/b")).await),
+        Code::InvalidArgument
+    );
     c.delete_volume(del("csi-never-made-0")).await.unwrap();
     c.delete_volume(del(&v.volume_id)).await.unwrap();
     c.delete_volume(del(&v.volume_id)).await.unwrap();
@@ -459,7 +477,11 @@ async fn validate_list_expand_capacity() {
         .unwrap()
         .into_inner();
     assert!(no.confirmed.is_none());
-    assert!(no.message.contains("MULTI_NODE_READER_ONLY"), "{}", no.message);
+    assert!(
+        no.message.contains("MULTI_NODE_READER_ONLY"),
+        "{}",
+        no.message
+    );
     assert_eq!(
         code(c.validate_volume_capabilities(vreq(&id, vec![])).await),
         Code::InvalidArgument
@@ -639,7 +661,7 @@ async fn state_survives_restart() {
         ),
         Code::FailedPrecondition
     );
-    let state = std::fs::read_to_string(env.dir.path().join("state/controller-state.json"))
-        .unwrap();
+    let state =
+        std::fs::read_to_string(env.dir.path().join("state/controller-state.json")).unwrap();
     assert!(state.contains("\"durable\""));
 }

@@ -92,7 +92,12 @@ mod tests {
             parse("unix:/csi/csi.sock").unwrap(),
             PathBuf::from("/csi/csi.sock")
         );
-        for bad in ["/csi/csi.sock", "tcp://127.0.0.1:1", "unix://rel/x", "unix:///"] {
+        for bad in [
+            "/csi/csi.sock",
+            "tcp://127.0.0.1:1",
+            "unix://rel/x",
+            "unix:///",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

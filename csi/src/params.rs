@@ -23,7 +23,13 @@ pub const PUSH_INTERVAL: &str = "pushInterval";
 /// StorageClass key: `flush` (a flush reaches the region service) or `async`.
 pub const DURABILITY: &str = "durability";
 /// Every key [`Params::parse`] accepts.
-pub const KEYS: &[&str] = &[CHUNK_SIZE, PULL_WORKERS, PUSH_WORKERS, PUSH_INTERVAL, DURABILITY];
+pub const KEYS: &[&str] = &[
+    CHUNK_SIZE,
+    PULL_WORKERS,
+    PUSH_WORKERS,
+    PUSH_INTERVAL,
+    DURABILITY,
+];
 
 /// Prefix the external-provisioner reserves; its keys never reach us, but
 /// a `csi.storage.k8s.io/...` key that does (e.g. secret names passed in
@@ -223,8 +229,7 @@ mod tests {
 
     #[test]
     fn context_round_trip() {
-        let p = Params::from_map(&map(&[("chunkSize", "64KiB"), ("pushInterval", "90s")]))
-            .unwrap();
+        let p = Params::from_map(&map(&[("chunkSize", "64KiB"), ("pushInterval", "90s")])).unwrap();
         let mut ctx: HashMap<String, String> = p.to_context().into_iter().collect();
         ctx.insert("regionId".into(), "csi-x".into());
         let q = Params::from_context(&ctx).unwrap();

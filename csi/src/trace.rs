@@ -12,7 +12,11 @@ pub fn call_span(method: &'static str, volume_id: &str) -> tracing::Span {
 
 /// Runs `fut` in the span of `method` on `volume_id`, logging its outcome
 /// (errors at warn with their gRPC code).
-pub async fn traced<T, F>(method: &'static str, volume_id: &str, fut: F) -> Result<T, crate::CsiError>
+pub async fn traced<T, F>(
+    method: &'static str,
+    volume_id: &str,
+    fut: F,
+) -> Result<T, crate::CsiError>
 where
     F: Future<Output = Result<T, crate::CsiError>>,
 {

@@ -72,9 +72,12 @@ pub fn path_under(field: &str, value: &str, roots: &[&Path]) -> Result<(), CsiEr
         return Err(invalid(format!("{field} {value:?} is not absolute")));
     }
     if value.split('/').any(|c| c == ".." || c == ".")
-        || p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        || p.components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
     {
-        return Err(invalid(format!("{field} {value:?} has a '..' or '.' component")));
+        return Err(invalid(format!(
+            "{field} {value:?} has a '..' or '.' component"
+        )));
     }
     if !roots.iter().any(|r| p.starts_with(r) && p != *r) {
         return Err(invalid(format!(
