@@ -591,6 +591,19 @@ async fn validate_list_expand_capacity() {
         .into_inner();
     assert_eq!(caps.capabilities, csi::capabilities::controller());
 
+    // Snapshots and modification are not offered, and say so.
+    assert_eq!(
+        code(c.create_snapshot(CreateSnapshotRequest::default()).await),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(
+            c.controller_modify_volume(ControllerModifyVolumeRequest::default())
+                .await
+        ),
+        Code::Unimplemented
+    );
+
     // A region removed behind the controller's back is reported abnormal.
     env.regions().await.delete_region(&id).await.unwrap();
     let g = c

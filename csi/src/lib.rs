@@ -13,7 +13,10 @@ pub mod secrets;
 pub mod trace;
 pub mod validate;
 
-/// Generated from proto/csi.proto (package `csi.v1`).
+/// Generated from proto/csi.proto (package `csi.v1`): the upstream CSI
+/// spec's csi.proto, verbatim, from container-storage-interface/spec at
+/// commit 2696773158b970c65107610d8f3ef4302546eca0 (master of 14 March
+/// 2024, after v1.9.0 and before v1.10.0; see tests/wire.rs for its hash).
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("csi.v1");

@@ -66,9 +66,11 @@ impl Credentials {
                 CERT => c.cert = s,
                 KEY => c.key = s,
                 SERVER_NAME => c.server_name = Some(v.clone()),
-                _ => return Err(CsiError::InvalidArgument(format!(
+                _ => {
+                    return Err(CsiError::InvalidArgument(format!(
                     "unknown secret key {k:?}; known: {TOKEN}, {CA}, {CERT}, {KEY}, {SERVER_NAME}"
-                ))),
+                )))
+                }
             }
         }
         if c.cert.is_some() != c.key.is_some() {
