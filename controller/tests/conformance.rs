@@ -68,10 +68,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_backend(port: u16) -> Proc {
+fn start_backend(port: u16, extra: &[String]) -> Proc {
     let child = Command::new(r3map_bin())
         .args(["backend", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--store", "memory:", "--chunk-size", "64KiB"])
+        .args(extra)
         .env("R3MAP_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -101,9 +102,15 @@ impl Env {
     }
 
     async fn start_with(hold_ms: u64) -> Env {
+        Env::start_full(hold_ms, |_| Vec::new()).await
+    }
+
+    /// `backend_args` gets the test directory and returns extra
+    /// arguments of `r3map backend`.
+    async fn start_full(hold_ms: u64, backend_args: impl Fn(&Path) -> Vec<String>) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let backend = start_backend(port);
+        let backend = start_backend(port, &backend_args(dir.path()));
         let controller = start_controller(dir.path(), port, hold_ms).await;
         Env {
             dir,
@@ -482,6 +489,19 @@ async fn validate_list_expand_capacity() {
         "{}",
         no.message
     );
+    let mount = VolumeCapability {
+        access_type: Some(volume_capability::AccessType::Mount(Default::default())),
+        access_mode: Some(volume_capability::AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    };
+    let no = c
+        .validate_volume_capabilities(vreq(&id, vec![mount]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none());
+    assert!(no.message.contains("mount"), "{}", no.message);
     assert_eq!(
         code(c.validate_volume_capabilities(vreq(&id, vec![])).await),
         Code::InvalidArgument
@@ -677,4 +697,52 @@ async fn state_survives_restart() {
     let state =
         std::fs::read_to_string(env.dir.path().join("state/controller-state.json")).unwrap();
     assert!(state.contains("\"durable\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_come_from_secrets() {
+    const TOKEN: &str = "csi-test-token-0123456789abcdef";
+    // The region service wants a token; the controller has none on its
+    // command line, so only the provisioner secrets can carry it.
+    let env = Env::start_full(0, |dir| {
+        let f = dir.join("token");
+        std::fs::write(&f, TOKEN).unwrap();
+        vec!["--token-file".into(), f.display().to_string()]
+    })
+    .await;
+    let mut c = env.ctl().await;
+    let e = c.create_volume(create_req("tok", MIB)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(
+        e.message().contains("credentials refused"),
+        "{}",
+        e.message()
+    );
+    let mut r = create_req("tok", MIB);
+    r.secrets
+        .insert("token".into(), "wrong-token-0123456789abcdef".into());
+    assert_eq!(code(c.create_volume(r).await), Code::Unavailable);
+    let mut r = create_req("tok", MIB);
+    r.secrets.insert("token".into(), TOKEN.into());
+    let v = c
+        .create_volume(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    // Secrets never reach the volume context.
+    assert!(!v.volume_context.values().any(|x| x.contains(TOKEN)));
+    let state =
+        std::fs::read_to_string(env.dir.path().join("state/controller-state.json")).unwrap();
+    assert!(!state.contains(TOKEN));
+    let mut d = DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        ..Default::default()
+    };
+    d.secrets.insert("token".into(), TOKEN.into());
+    c.delete_volume(d).await.unwrap();
+    // Probe uses the command line's credentials: not ready, not an error.
+    let p = env.ident().await.probe(ProbeRequest {}).await.unwrap();
+    assert_eq!(p.get_ref().ready, Some(false));
 }
