@@ -415,18 +415,20 @@ impl ControllerService {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // The token is the id of the first volume of the next page: ids are
+        // sorted, so a page still starts in the right place when volumes
+        // were deleted or added meanwhile.
         let start = if r.starting_token.is_empty() {
             0
+        } else if validate::volume_id(&r.starting_token).is_ok()
+            && r.starting_token.starts_with(ID_PREFIX)
+        {
+            all.partition_point(|(id, _)| id.as_str() < r.starting_token.as_str())
         } else {
-            match r.starting_token.parse::<usize>() {
-                Ok(n) if n <= all.len() => n,
-                _ => {
-                    return Err(CsiError::Aborted(format!(
-                        "starting_token {:?} is not valid (volumes changed?); list again from the start",
-                        r.starting_token
-                    )))
-                }
-            }
+            return Err(CsiError::Aborted(format!(
+                "starting_token {:?} was not made by this plugin; list again from the start",
+                r.starting_token
+            )));
         };
         let n = if r.max_entries == 0 {
             all.len()
@@ -447,7 +449,7 @@ impl ControllerService {
         Ok(ListVolumesResponse {
             entries,
             next_token: if end < all.len() {
-                end.to_string()
+                all[end].0.clone()
             } else {
                 String::new()
             },

@@ -544,7 +544,40 @@ async fn validate_list_expand_capacity() {
     dedup.sort();
     dedup.dedup();
     assert_eq!(dedup.len(), 5);
-    for bad in ["zzz", "99"] {
+    // A page starts at its token's volume even when the volume before it
+    // was deleted meanwhile.
+    let first = c
+        .list_volumes(ListVolumesRequest {
+            max_entries: 2,
+            starting_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let last_of_page = first.entries[1].volume.as_ref().unwrap().volume_id.clone();
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: last_of_page.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let second = c
+        .list_volumes(ListVolumesRequest {
+            max_entries: 2,
+            starting_token: first.next_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        second.entries[0].volume.as_ref().unwrap().volume_id,
+        first.next_token
+    );
+    assert!(!second
+        .entries
+        .iter()
+        .any(|e| e.volume.as_ref().unwrap().volume_id == last_of_page));
+    for bad in ["zzz", "99", "csi-a/b"] {
         let r = ListVolumesRequest {
             max_entries: 1,
             starting_token: bad.into(),
