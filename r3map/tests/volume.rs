@@ -495,6 +495,17 @@ async fn close_waits_for_fetches_in_flight_and_no_task_outlives_it() {
     // on-demand fetch moves 9.. to the head of their queue.)
     assert!(Arc::strong_count(&src.token) > 4, "source reads in flight");
 
+    // The "kernel" reads replies as they come, as the real one does (a
+    // reply nobody reads would hold its connection, and close, forever).
+    let replies = tokio::spawn(async move {
+        let mut got = std::collections::HashMap::new();
+        for _ in 8..12 {
+            let r = c.reply().await;
+            assert_eq!(r.error, 0);
+            got.insert(r.cookie, r.data);
+        }
+        got
+    });
     let mut closing = tokio::spawn(vol.close(deadline()));
     // Close must wait: the reads are answered only once the source answers.
     assert!(
@@ -510,12 +521,7 @@ async fn close_waits_for_fetches_in_flight_and_no_task_outlives_it() {
         .unwrap()
         .unwrap();
     // Every read read before close was answered, with the source's bytes.
-    let mut got = std::collections::HashMap::new();
-    for _ in 8..12 {
-        let r = c.reply().await;
-        assert_eq!(r.error, 0);
-        got.insert(r.cookie, r.data);
-    }
+    let got = replies.await.unwrap();
     for i in 8..12u64 {
         assert_eq!(
             got[&i],
@@ -569,8 +575,7 @@ async fn close_past_its_deadline_says_what_is_busy_and_keeps_the_cache_locked() 
     let e = vol
         .close(Instant::now() + Duration::from_millis(300))
         .await
-        .err()
-        .expect("close cannot finish while a fetch is stuck");
+        .expect_err("close cannot finish while a fetch is stuck");
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "close overran its deadline"
