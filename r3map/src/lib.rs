@@ -1,8 +1,9 @@
 //! r3map: remote mmap.
 //!
 //! Serves any storage backend as a block device over NBD. The engine holds no
-//! Kubernetes: backends ([`backend`]), the NBD server ([`nbd`]) and the
-//! helpers the CLI and the CSI node plugin share ([`size`]).
+//! Kubernetes: backends ([`backend`]), the NBD server ([`nbd`]), managed
+//! caches ([`managed`]), the embeddable [`Volume`] the CSI node plugin and
+//! the CLI both build on ([`volume`]), and shared helpers ([`size`]).
 
 pub mod auth;
 pub mod backend;
@@ -14,6 +15,8 @@ pub mod nbd;
 pub mod relay;
 pub mod remote;
 pub mod size;
+pub mod volume;
 
 pub use backend::Backend;
 pub use error::{Error, ErrorKind, Result};
+pub use volume::{Volume, VolumeSpec, VolumeStats};

@@ -4,11 +4,13 @@ use std::net::SocketAddr;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use r3map::backend::{self, DEFAULT_CHUNK_SIZE};
-use r3map::nbd::{server, Export, Server};
+use r3map::backend::DEFAULT_CHUNK_SIZE;
+use r3map::managed::cli::EXIT_DEADLINE;
+use r3map::nbd::server;
+use r3map::volume::{self, BackendSpec, Volume, VolumeSpec};
 use tracing::{error, info};
 
 #[derive(Parser)]
@@ -103,6 +105,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Process-wide allocator tuning is the program's choice, made once
+    // here before the runtime's threads start allocating.
+    r3map::remote::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -138,12 +143,17 @@ fn main() -> ExitCode {
 }
 
 async fn serve(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let backend = backend::open(&a.backend, a.size, a.chunk_size).await?;
-    let (backend, _seed) =
-        r3map::migration::cli::seed_wrap(&a.seed, backend, a.chunk_size, None, None)
-            .await
-            .map_err(|e| e as Box<dyn std::error::Error>)?;
-    let srv = Server::single(Export::new(a.name.clone(), backend).read_only(a.read_only));
+    let backend = volume::open_backend(&a.backend, a.size, a.chunk_size).await?;
+    let vol = Volume::open(VolumeSpec {
+        read_only: a.read_only,
+        chunk_size: a.chunk_size,
+        ..VolumeSpec::direct(a.name.clone(), BackendSpec::Open(backend), a.size)
+    })
+    .await?;
+    let _seed = r3map::migration::cli::serve_seed(&a.seed, vol.source().clone())
+        .await
+        .map_err(|e| e as Box<dyn std::error::Error>)?;
+    let srv = vol.server();
 
     let accept = if let Some(fd) = a.fd {
         // SAFETY: the caller handed us this descriptor to own.
@@ -164,8 +174,7 @@ async fn serve(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         r = server::termination_signal() => { r?; }
         r = accept => { r??; }
     }
-    srv.drain().await;
-    srv.flush_all().await?;
+    vol.close(Instant::now() + EXIT_DEADLINE).await?;
     info!("flushed; exiting");
     Ok(())
 }

@@ -18,8 +18,6 @@ use tracing::{debug, info, warn};
 /// `rtt / 2` in each direction. Runs until the listener fails.
 pub async fn run(listener: TcpListener, target: SocketAddr, rtt: Duration) -> io::Result<()> {
     let one_way = rtt / 2;
-    // Each read is a fresh 256 KiB buffer: keep glibc from faulting them in anew.
-    crate::remote::tune_allocator();
     info!(listen = %listener.local_addr()?, %target, ?rtt, "relaying");
     loop {
         let (client, peer) = listener.accept().await?;

@@ -1,18 +1,45 @@
 //! The cache file and its chunk-state file: opened as they were left, or
-//! created empty. Blocking (open, fsync): callers run it off the runtime.
+//! created empty, under the cache's lock. Blocking (open, fsync): callers
+//! run it off the runtime.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use super::lock::CacheLock;
 use super::state::{self, state_path, ChunkState};
 use crate::{Error, Result};
 
-/// Opens the cache at `cache` and its state file for a region of `size`
-/// bytes in chunks of `chunk`, or creates both. A state file made for
-/// another geometry is refused, as is a cache holding data but no state
-/// file (nothing would say which bytes are valid).
-pub(super) fn open(
+/// An opened cache: its lock, data file, state file and chunk states.
+pub(super) struct Opened {
+    pub lock: CacheLock,
+    pub file: File,
+    pub state: state::StateFile,
+    pub states: Vec<ChunkState>,
+    /// The cache belongs to a migration source that handed its region
+    /// over: the mount must never push again.
+    pub handed_over: bool,
+}
+
+/// Locks the cache at `cache` ([`CacheLock`]), then opens it and its state
+/// file for a region of `size` bytes in chunks of `chunk`, or creates both.
+/// A state file made for another geometry is refused, as is a cache holding
+/// data but no state file (nothing would say which bytes are valid).
+pub(super) fn open(cache: &Path, chunk: u64, size: u64) -> Result<Opened> {
+    // First: nothing of the cache may be read while another mount may be
+    // changing it.
+    let lock = CacheLock::acquire(cache)?;
+    let (file, state, states) = open_locked(cache, chunk, size)?;
+    Ok(Opened {
+        lock,
+        file,
+        state,
+        states,
+        handed_over: crate::migration::record::source_finalized(cache),
+    })
+}
+
+fn open_locked(
     cache: &Path,
     chunk: u64,
     size: u64,

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -11,8 +10,8 @@ use tracing::{debug, info, warn};
 use super::{
     Durability, Managed, Options, DEFAULT_CHUNK_SIZE, DEFAULT_PULL_WORKERS, DEFAULT_PUSH_WORKERS,
 };
-use crate::backend;
-use crate::nbd::{server, Export, Server};
+use crate::nbd::server;
+use crate::volume::{Mode, Volume, VolumeSpec};
 
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("transport").required(true).args(["socket", "listen"]))]
@@ -86,9 +85,13 @@ fn write_progress(path: &Path, m: &Managed) {
     }
 }
 
+/// How long a clean exit may take to drain, push and flush before giving
+/// up: long enough for a large push over a slow link, bounded so a stuck
+/// remote cannot keep the process forever.
+pub const EXIT_DEADLINE: Duration = Duration::from_secs(600);
+
 /// Runs `r3map mount` until SIGINT/SIGTERM, then pushes everything and exits.
 pub async fn run(a: MountArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let remote = backend::open(&a.remote, a.size, a.chunk_size).await?;
     let opts = Options {
         chunk_size: a.chunk_size,
         pull_workers: a.pull_workers,
@@ -96,20 +99,24 @@ pub async fn run(a: MountArgs) -> Result<(), Box<dyn std::error::Error>> {
         push_interval: a.push_interval,
         durability: a.durability,
     };
+    let spec = VolumeSpec {
+        mode: Mode::Managed {
+            cache: a.cache.clone(),
+            options: opts,
+        },
+        chunk_size: a.chunk_size,
+        ..VolumeSpec::direct(a.name.clone(), a.remote.as_str(), a.size)
+    };
     // Pulling starts here, before the export is reachable.
-    let m = Arc::new(Managed::open(&a.cache, remote.clone(), Some(remote), opts)?);
-    let (served, _seed) = crate::migration::cli::seed_wrap(
-        &a.seed,
-        m.clone(),
-        a.chunk_size,
-        Some(m.clone()),
-        Some(crate::migration::record::record_path(&a.cache)),
-    )
-    .await
-    .map_err(|e| e as Box<dyn std::error::Error>)?;
-    let srv = Server::single(Export::new(a.name.clone(), served));
+    let vol = Volume::open(spec).await?;
+    let m = vol.managed().expect("a managed volume").clone();
+    let _seed = crate::migration::cli::serve_seed(&a.seed, vol.source().clone())
+        .await
+        .map_err(|e| e as Box<dyn std::error::Error>)?;
 
-    let accept = srv.spawn_accept(server::NbdListener::bind(a.socket.as_deref(), a.listen).await?);
+    let accept = vol
+        .server()
+        .spawn_accept(server::NbdListener::bind(a.socket.as_deref(), a.listen).await?);
     let ppath = progress_path(&a.cache);
     let reporter = {
         let (m, ppath) = (m.clone(), ppath.clone());
@@ -133,11 +140,9 @@ pub async fn run(a: MountArgs) -> Result<(), Box<dyn std::error::Error>> {
         r = crate::nbd::server::termination_signal() => { r?; }
         r = accept => { r??; }
     }
-    srv.drain().await;
     // Whatever the durability mode, a clean exit leaves nothing unpushed
     // (a sealed mount pushes nothing: its region lives elsewhere now).
-    let res = m.sync().await;
-    m.close().await;
+    let res = vol.close(std::time::Instant::now() + EXIT_DEADLINE).await;
     reporter.abort();
     write_progress(&ppath, &m);
     let p = m.progress();

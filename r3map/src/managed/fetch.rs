@@ -52,8 +52,9 @@ impl Inner {
         drop(sh);
         self.counters.on_demand.fetch_add(1, Relaxed);
         // Its own task: a reader that goes away must not strand the others.
+        // Tracked, so close waits for it like for the background workers.
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let _ = this.run_fetch(i, id, epoch).await;
         });
         Some(rx)

@@ -29,6 +29,7 @@ mod cache;
 pub mod cli;
 mod fetch;
 mod io;
+pub mod lock;
 mod progress;
 mod push;
 pub mod state;
@@ -45,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{Backend, Error, Result};
+pub use lock::{lock_path, CacheLock};
 pub use progress::Progress;
 pub use state::{state_path, ChunkState};
 
@@ -207,6 +209,9 @@ struct Inner {
     sealed: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// Dropped with the last reference, i.e. after every task that can
+    /// touch the cache has ended.
+    _lock: CacheLock,
 }
 
 /// A managed mount; see the module documentation. Background tasks stop
@@ -224,41 +229,58 @@ impl Managed {
     /// `source`, and starts the background pull and push. Must be called
     /// inside a tokio runtime. The mount serves I/O at once, while pulling.
     ///
-    /// A cache whose state file was made for another region size or chunk
-    /// size is refused, as is a cache file holding data but no state file.
+    /// The cache is locked ([`CacheLock`]) until the mount and every task
+    /// it started have ended: a second open of it fails with
+    /// [`Error::Busy`]. A cache whose state file was made for another
+    /// region size or chunk size is refused, as is a cache file holding
+    /// data but no state file.
+    ///
+    /// Blocks on file I/O (open, fsync, reading the state file); from async
+    /// code prefer [`Managed::open_async`].
     pub fn open(
         cache: &Path,
         source: Arc<dyn Backend>,
         sink: Option<Arc<dyn Backend>>,
         opts: Options,
     ) -> Result<Managed> {
-        // Every fetch and push moves ~1 MiB buffers (mount, leech).
-        crate::remote::tune_allocator();
+        check(&source, &sink, &opts)?;
+        let opened = cache::open(cache, opts.chunk_size, source.size())?;
+        Ok(Self::start(opened, source, sink, opts))
+    }
+
+    /// [`Managed::open`], with the file work (lock, open, fsync, reading
+    /// the state file) on a blocking thread, so a runtime thread serving
+    /// other volumes never waits on the disk.
+    pub async fn open_async(
+        cache: &Path,
+        source: Arc<dyn Backend>,
+        sink: Option<Arc<dyn Backend>>,
+        opts: Options,
+    ) -> Result<Managed> {
+        check(&source, &sink, &opts)?;
+        let (path, chunk, size) = (cache.to_path_buf(), opts.chunk_size, source.size());
+        let opened = tokio::task::spawn_blocking(move || cache::open(&path, chunk, size))
+            .await
+            .map_err(|e| Error::io(format!("opening cache {}: {e}", cache.display())))??;
+        Ok(Self::start(opened, source, sink, opts))
+    }
+
+    /// Builds the mount over an opened cache and starts its tasks.
+    fn start(
+        opened: cache::Opened,
+        source: Arc<dyn Backend>,
+        sink: Option<Arc<dyn Backend>>,
+        opts: Options,
+    ) -> Managed {
         let size = source.size();
         let chunk = opts.chunk_size;
-        if chunk == 0 {
-            return Err(Error::InvalidArgument("chunk size must be positive".into()));
-        }
-        if opts.push_workers == 0 {
-            return Err(Error::InvalidArgument(
-                "push workers must be at least 1".into(),
-            ));
-        }
-        if opts.push_interval.is_zero() {
-            return Err(Error::InvalidArgument(
-                "push interval must be positive".into(),
-            ));
-        }
-        if let Some(s) = &sink {
-            if s.size() != size {
-                return Err(Error::InvalidArgument(format!(
-                    "sink holds {} bytes, source {size}",
-                    s.size()
-                )));
-            }
-        }
-        let (cache_file, state, states) = cache::open(cache, chunk, size)?;
-
+        let cache::Opened {
+            lock,
+            file: cache_file,
+            state,
+            states,
+            handed_over,
+        } = opened;
         let count = states.len() as u64;
         let mut sh = Shared {
             chunks: Vec::with_capacity(states.len()),
@@ -312,11 +334,10 @@ impl Managed {
             present_notify: Notify::new(),
             counters: Counters::default(),
             fenced: Mutex::new(None),
-            sealed: std::sync::atomic::AtomicBool::new(crate::migration::record::source_finalized(
-                cache,
-            )),
+            sealed: std::sync::atomic::AtomicBool::new(handed_over),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            _lock: lock,
             opts,
         });
         for _ in 0..inner.opts.pull_workers {
@@ -326,7 +347,7 @@ impl Managed {
             let leftover = inner.shared.lock().unwrap().dirty > 0;
             inner.tasks.spawn(inner.clone().push_loop(leftover));
         }
-        Ok(Managed { inner })
+        Managed { inner }
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -479,12 +500,47 @@ impl Managed {
         self.inner.sync_local().await
     }
 
-    /// Stops the background tasks and waits for them.
+    /// Stops the background tasks and waits for them, on-demand fetches
+    /// included.
     pub async fn close(&self) {
         self.inner.stop.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
     }
+
+    /// Tasks of the mount still running: background pull and push workers
+    /// and on-demand fetches (0 once [`Managed::close`] has returned).
+    pub fn tasks_running(&self) -> usize {
+        self.inner.tasks.len()
+    }
+}
+
+/// Refuses options and backends a mount cannot work with, before any file
+/// is touched.
+fn check(source: &Arc<dyn Backend>, sink: &Option<Arc<dyn Backend>>, opts: &Options) -> Result<()> {
+    let size = source.size();
+    if opts.chunk_size == 0 {
+        return Err(Error::InvalidArgument("chunk size must be positive".into()));
+    }
+    if opts.push_workers == 0 {
+        return Err(Error::InvalidArgument(
+            "push workers must be at least 1".into(),
+        ));
+    }
+    if opts.push_interval.is_zero() {
+        return Err(Error::InvalidArgument(
+            "push interval must be positive".into(),
+        ));
+    }
+    if let Some(s) = sink {
+        if s.size() != size {
+            return Err(Error::InvalidArgument(format!(
+                "sink holds {} bytes, source {size}",
+                s.size()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Managed {

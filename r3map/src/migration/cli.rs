@@ -130,32 +130,22 @@ fn spawn_seed(
     Ok(SeedHandle { stop })
 }
 
-/// For `serve` and `mount`: with `--seed-listen`, wraps `backend` in a
-/// migration [`Source`] and serves Seed over it; returns the backend the
-/// NBD export must use. `managed` is the mount behind `backend`, if it is
-/// one (sealed at finalize); `record` where the finalize answer is kept
-/// (a mount's `CACHE.migration`).
-pub async fn seed_wrap(
-    a: &SeedArgs,
-    backend: Arc<dyn Backend>,
-    chunk: u64,
-    managed: Option<Arc<crate::managed::Managed>>,
-    record: Option<PathBuf>,
-) -> Result<(Arc<dyn Backend>, Option<SeedHandle>), BoxError> {
+/// For `serve` and `mount`: with `--seed-listen`, serves the `Seed`
+/// service over the volume's migration source (every volume has one);
+/// without it, nothing (and the auth flags are refused).
+pub async fn serve_seed(a: &SeedArgs, source: Arc<Source>) -> Result<Option<SeedHandle>, BoxError> {
     let Some(ep) = &a.seed_listen else {
         if a.token_file.is_some() || a.tls.given() {
             return Err(
                 "--token-file, --tls-cert, --tls-key and --client-ca are for --seed-listen".into(),
             );
         }
-        return Ok((backend, None));
+        return Ok(None);
     };
     let token = net::token(a.token_file.as_deref())?;
     let tls = a.tls.get();
     let l = Listener::bind(ep, token.as_ref(), tls.as_ref()).await?;
-    let source = Source::open(backend, chunk, managed, record).await?;
-    let h = spawn_seed(l, source.clone(), token.as_ref(), tls.as_ref())?;
-    Ok((source.backend(), Some(h)))
+    Ok(Some(spawn_seed(l, source, token.as_ref(), tls.as_ref())?))
 }
 
 #[derive(Args, Debug)]

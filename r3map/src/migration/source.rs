@@ -83,9 +83,21 @@ impl Source {
         let mut session = 0;
         if let Some(p) = &record {
             let p2 = p.clone();
-            let rec: Option<SourceRecord> = tokio::task::spawn_blocking(move || record::load(&p2))
+            let rec: Option<SourceRecord> =
+                tokio::task::spawn_blocking(move || {
+                    match record::load::<serde_json::Value>(&p2)? {
+                        Some(v) if v.get("role").and_then(|r| r.as_str()) == Some("source") => {
+                            serde_json::from_value(v)
+                                .map(Some)
+                                .map_err(|e| Error::io(format!("{}: {e}", p2.display())))
+                        }
+                        _ => Ok(None),
+                    }
+                })
                 .await
                 .map_err(|e| Error::io(e.to_string()))??;
+            // A destination's record (a volume that arrived here) is not ours.
+            let rec = rec.filter(|r| r.role == "source");
             if let Some(rec) = rec {
                 let n = tracked.size().div_ceil(chunk);
                 tracked.restore_finalized(to_set(&rec.handover.dirty, n));

@@ -3,29 +3,41 @@
 
 use std::sync::Arc;
 
+use super::stats::NbdCounters;
 use crate::backend::Backend;
 
 /// Largest request payload accepted, as advertised in NBD_INFO_BLOCK_SIZE.
 pub const MAX_REQUEST: u32 = 32 << 20;
 
+/// One named export: a backend and how it is offered.
 #[derive(Clone)]
 pub struct Export {
+    /// Name a client asks for in NBD_OPT_GO.
     pub name: String,
+    /// Free text sent in NBD_INFO_DESCRIPTION.
     pub description: String,
+    /// Where the bytes live.
     pub backend: Arc<dyn Backend>,
+    /// Refuse writes, trims and zeroing.
     pub read_only: bool,
+    /// Per-command counters, shared by every connection to this export
+    /// (and by clones of it).
+    pub stats: Arc<NbdCounters>,
 }
 
 impl Export {
+    /// A writable export of `backend` named `name`, with fresh counters.
     pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>) -> Self {
         Export {
             name: name.into(),
             description: String::new(),
             backend,
             read_only: false,
+            stats: Arc::new(NbdCounters::default()),
         }
     }
 
+    /// Makes the export read-only (or not).
     pub fn read_only(mut self, ro: bool) -> Self {
         self.read_only = ro;
         self

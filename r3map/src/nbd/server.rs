@@ -85,28 +85,68 @@ impl Server {
     }
 
     /// Serves a socket that skips the handshake: the kernel NBD client,
-    /// configured through ioctl/netlink, speaks transmission at once.
-    pub async fn serve_transmission(
+    /// configured through ioctl/netlink, speaks transmission at once. Any
+    /// stream type (the socketpair end the node plugin keeps, a TCP or
+    /// in-memory stream in tests). Ends when the peer hangs up, or sends
+    /// DISC, or [`Server::shutdown`] fires; requests in flight are answered
+    /// first.
+    pub async fn serve_transmission<S>(&self, stream: S, export_name: &str) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve_transmission_until(stream, export_name, self.inner.shutdown.clone())
+            .await
+    }
+
+    /// [`Server::serve_transmission`], also ending when `stop` fires (a
+    /// child of the server's shutdown token stops one connection only).
+    pub async fn serve_transmission_until<S>(
         &self,
-        stream: UnixStream,
+        stream: S,
         export_name: &str,
-    ) -> io::Result<()> {
+        stop: CancellationToken,
+    ) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let export = self.lookup(export_name).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("no export {export_name:?}"),
             )
         })?;
-        let (rd, wr) = stream.into_split();
-        transmission::serve(
-            rd,
-            wr,
-            export,
-            false,
-            self.inner.limits,
-            self.inner.shutdown.clone(),
-        )
-        .await
+        let (rd, wr) = tokio::io::split(stream);
+        transmission::serve(rd, wr, export, false, self.inner.limits, stop).await
+    }
+
+    /// Serves a handshake-less stream ([`Server::serve_transmission`]) in a
+    /// task of this server, so [`Server::wait`] waits for it. It stops on
+    /// [`Server::shutdown`] or when the returned token is cancelled.
+    pub fn spawn_transmission<S>(
+        &self,
+        stream: S,
+        export_name: &str,
+    ) -> (tokio::task::JoinHandle<io::Result<()>>, CancellationToken)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let stop = self.inner.shutdown.child_token();
+        let (this, name, s) = (self.clone(), export_name.to_string(), stop.clone());
+        let h = self.inner.tracker.spawn(
+            async move { this.serve_transmission_until(stream, &name, s).await }
+                .instrument(info_span!("nbd_conn", peer = "kernel")),
+        );
+        (h, stop)
+    }
+
+    /// Connection tasks still running (served streams not yet ended).
+    pub fn connections(&self) -> usize {
+        self.inner.tracker.len()
+    }
+
+    /// The export named `name` ("" for the default one).
+    pub fn export(&self, name: &str) -> Option<Export> {
+        self.lookup(name)
     }
 
     /// Serves a connected socket (handshake included) in the background.

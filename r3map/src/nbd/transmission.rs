@@ -7,6 +7,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
@@ -140,6 +141,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
         if !got {
             return Ok(()); // client hung up between requests
         }
+        // Latency is counted from here: what the client waits for, minus
+        // the socket, including a WRITE's payload transfer.
+        let t0 = Instant::now();
         let req = Request::parse(&hdr).map_err(|BadMagic(m)| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -156,6 +160,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                     tx,
                     ctx,
                     req,
+                    t0,
                     NBD_EINVAL,
                     "write larger than the maximum request",
                 )
@@ -180,10 +185,10 @@ async fn read_requests<R: AsyncRead + Unpin>(
             };
             if let Some((e, msg)) = err {
                 ctx.pool.give(data);
-                reply_now(tx, ctx, req, e, msg).await;
+                reply_now(tx, ctx, req, t0, e, msg).await;
                 continue;
             }
-            start_request(tx, ctx, req, data, permit).await;
+            start_request(tx, ctx, req, t0, data, permit).await;
             continue;
         }
 
@@ -193,7 +198,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             CMD_TRIM => CMD_FLAG_FUA,
             CMD_FLUSH | CMD_CACHE | CMD_DISC => 0,
             _ => {
-                reply_now(tx, ctx, req, NBD_EINVAL, "unknown command").await;
+                reply_now(tx, ctx, req, t0, NBD_EINVAL, "unknown command").await;
                 continue;
             }
         };
@@ -202,7 +207,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             return Ok(());
         }
         if req.flags & !allowed_flags != 0 {
-            reply_now(tx, ctx, req, NBD_EINVAL, "unknown command flags").await;
+            reply_now(tx, ctx, req, t0, NBD_EINVAL, "unknown command flags").await;
             continue;
         }
         if req.kind == CMD_FLUSH {
@@ -211,7 +216,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 .acquire_many_owned(cost(0))
                 .await
                 .expect("semaphore open");
-            start_request(tx, ctx, req, Vec::new(), permit).await;
+            start_request(tx, ctx, req, t0, Vec::new(), permit).await;
             continue;
         }
         if req.offset.checked_add(len).is_none_or(|e| e > size) {
@@ -219,6 +224,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 tx,
                 ctx,
                 req,
+                t0,
                 NBD_EINVAL,
                 "request beyond the end of the export",
             )
@@ -226,7 +232,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             continue;
         }
         if ctx.export.read_only && matches!(req.kind, CMD_TRIM | CMD_WRITE_ZEROES) {
-            reply_now(tx, ctx, req, NBD_EPERM, "export is read-only").await;
+            reply_now(tx, ctx, req, t0, NBD_EPERM, "export is read-only").await;
             continue;
         }
         if req.kind == CMD_READ && req.len > limits.max_request {
@@ -234,6 +240,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 tx,
                 ctx,
                 req,
+                t0,
                 NBD_EOVERFLOW,
                 "read larger than the maximum request",
             )
@@ -250,7 +257,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             .acquire_many_owned(c)
             .await
             .expect("semaphore open");
-        start_request(tx, ctx, req, Vec::new(), permit).await;
+        start_request(tx, ctx, req, t0, Vec::new(), permit).await;
     }
 }
 
@@ -283,14 +290,23 @@ async fn start_request(
     tx: &mpsc::Sender<Reply>,
     ctx: &Arc<Ctx>,
     req: Request,
+    t0: Instant,
     data: Vec<u8>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let (tx, ctx) = (tx.clone(), ctx.clone());
     let mut job = Box::pin(async move {
-        let reply = execute(&ctx, req, data).await;
+        let (reply, ok) = execute(&ctx, req, data).await;
+        ctx.export
+            .stats
+            .record(req.kind, req.len as u64, ok, t0.elapsed());
+        // Let go of the export before the permit: once the connection has
+        // every permit back, nothing of it may still hold the backend (a
+        // closed volume's cache lock goes with the last reference).
+        drop(ctx);
         // The client may be gone; the work is done either way.
         let _ = tx.send(reply).await;
+        drop(tx);
         drop(permit);
     });
     // Most requests on RAM or the page cache finish without waiting: run
@@ -303,14 +319,15 @@ async fn start_request(
     }
 }
 
-async fn execute(ctx: &Ctx, req: Request, data: Vec<u8>) -> Reply {
+/// Runs one request against the backend; the reply, and whether it succeeded.
+async fn execute(ctx: &Ctx, req: Request, data: Vec<u8>) -> (Reply, bool) {
     let b = &ctx.export.backend;
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let res = match req.kind {
         CMD_READ => {
             let mut buf = ctx.pool.take(req.len as usize);
             match b.read_at(req.offset, &mut buf[..req.len as usize]).await {
-                Ok(()) => return read_reply(ctx, req, buf),
+                Ok(()) => return (read_reply(ctx, req, buf), true),
                 Err(e) => {
                     ctx.pool.give(buf);
                     Err(e)
@@ -333,10 +350,10 @@ async fn execute(ctx: &Ctx, req: Request, data: Vec<u8>) -> Reply {
         other => other,
     };
     match res {
-        Ok(()) => Reply::bare(simple_reply(req.cookie, 0)),
+        Ok(()) => (Reply::bare(simple_reply(req.cookie, 0)), true),
         Err(e) => {
             warn!(cookie = req.cookie, kind = req.kind, offset = req.offset, len = req.len, error = %e, "request failed");
-            error_reply(ctx, req, errno_of(&e), &e.to_string())
+            (error_reply(ctx, req, errno_of(&e), &e.to_string()), false)
         }
     }
 }
@@ -383,7 +400,15 @@ fn error_reply(ctx: &Ctx, req: Request, errno: u32, msg: &str) -> Reply {
     }
 }
 
-async fn reply_now(tx: &mpsc::Sender<Reply>, ctx: &Ctx, req: Request, errno: u32, msg: &str) {
+async fn reply_now(
+    tx: &mpsc::Sender<Reply>,
+    ctx: &Ctx,
+    req: Request,
+    t0: Instant,
+    errno: u32,
+    msg: &str,
+) {
+    ctx.export.stats.record(req.kind, 0, false, t0.elapsed());
     debug!(
         cookie = req.cookie,
         kind = req.kind,

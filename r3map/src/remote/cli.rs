@@ -40,7 +40,6 @@ pub struct BackendArgs {
 }
 
 pub async fn run(a: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
-    super::tune_allocator();
     let token = a.token_file.as_deref().map(Token::from_file).transpose()?;
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => Some(ServerTls {

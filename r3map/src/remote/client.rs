@@ -202,7 +202,6 @@ impl Client {
     /// Connects (TLS handshake included) and asks for the server's limits,
     /// so a wrong token or certificate fails here.
     pub async fn connect(opts: &ConnectOptions) -> Result<Client, ClientError> {
-        super::tune_allocator();
         let host = opts.host()?;
         if opts.tls.is_none() && !is_loopback(host) {
             return Err(ClientError::Config(format!(

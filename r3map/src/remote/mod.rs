@@ -29,8 +29,10 @@ pub const READ_PIECE: u64 = 1 << 20;
 pub const MAX_ID_LEN: usize = 128;
 
 /// Keeps glibc from handing ~1 MiB buffers back to the kernel on free.
-/// Process-wide and idempotent: the region server, its clients, managed
-/// mounts and the relay call it.
+/// Process-wide and idempotent, so it is the program's choice, not the
+/// library's: the `r3map` binary calls it once at start (every command
+/// moves ~1 MiB buffers: region server, clients, mounts, the relay); an
+/// embedding daemon may call it too.
 ///
 /// Every read piece, encode buffer and fetched chunk is a short-lived
 /// allocation of about 1 MiB. By default glibc serves those with mmap (or

@@ -2,6 +2,8 @@
 //! real peers (redis-server), and stop them when the test ends.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
