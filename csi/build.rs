@@ -1,5 +1,5 @@
 //! Generates the CSI gRPC code (servers and clients) from proto/csi.proto,
-//! the upstream CSI spec's file, verbatim. The google/protobuf imports are
+//! the CSI v1 wire contract. The google/protobuf imports are
 //! vendored beside it (from protobuf 3.21.12), so the build needs protoc
 //! but not its include files; the well-known types map to prost-types.
 
