@@ -230,6 +230,21 @@ fn nbdcopy_round_trip_redis_backend() {
 }
 
 #[test]
+fn nbdcopy_round_trip_s3_backend() {
+    let s3 = common::S3Server::start();
+    let addr = Addr::Tcp(free_port());
+    let backend = s3.uri(common::S3_BUCKET, "nbdcopy");
+    let _srv = serve(&addr, &["--backend", &backend, "--size", "32MiB"]);
+    nbdcopy_round_trip(
+        &addr,
+        32 * MIB,
+        5,
+        &["--connections=4"],
+        &["--connections=2"],
+    );
+}
+
+#[test]
 fn qemu_img_compare_sees_equal_and_detects_difference() {
     require("qemu-img");
     let dir = tmp();

@@ -535,13 +535,15 @@ async fn regions_survive_restart() {
     assert!(read(&two, 2 * MIB, MIB).await.iter().all(|&x| x == 0));
 }
 
-/// memory: and redis:// stores, including a resize (a copy for memory:)
-/// and, for redis, a restart of the server.
+/// memory:, redis:// and s3:// stores, including a resize (a copy for
+/// memory:) and, for redis and s3, a restart of the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_and_redis_stores() {
+async fn memory_redis_and_s3_stores() {
     let redis = RedisServer::start();
     let redis_store = format!("{}?prefix=rs", redis.url(3));
-    for store in ["memory:", redis_store.as_str()] {
+    let s3 = common::S3Server::start();
+    let s3_store = s3.uri(common::S3_BUCKET, "store");
+    for store in ["memory:", redis_store.as_str(), s3_store.as_str()] {
         let mut srv = Server::start(store, &["--chunk-size", "64KiB"]);
         let c = srv.client().await;
         c.create_region(Some("x"), MIB + 3).await.unwrap();
@@ -557,7 +559,7 @@ async fn memory_and_redis_stores() {
         let b = c.backend("x").await.unwrap();
         assert!(read(&b, 0, 1000).await == data[..1000], "{store}");
         assert!(read(&b, 1000, 2 * MIB - 1000).await.iter().all(|&x| x == 0));
-        if store.starts_with("redis") {
+        if store != "memory:" {
             c.create_region(Some("y"), MIB).await.unwrap();
             c.delete_region("y").await.unwrap();
             srv.restart();
@@ -646,7 +648,14 @@ async fn fencing_refuses_stale_writers() {
     let redis = RedisServer::start();
     let dir = tmp();
     let redis_store = format!("{}?prefix=fence", redis.url(4));
-    for store in [dir_store(dir.path()), "memory:".to_string(), redis_store] {
+    let s3 = common::S3Server::start();
+    let s3_store = s3.uri(common::S3_BUCKET, "fence");
+    for store in [
+        dir_store(dir.path()),
+        "memory:".to_string(),
+        redis_store,
+        s3_store,
+    ] {
         let mut srv = Server::start(&store, &["--chunk-size", "64KiB"]);
         let c = srv.client().await;
         let r = c.create_region(Some("f"), MIB).await.unwrap();

@@ -9,6 +9,7 @@ pub mod dir;
 pub mod file;
 pub mod memory;
 pub mod redis;
+pub mod s3;
 pub mod uri;
 
 pub use uri::open;

@@ -53,6 +53,10 @@ pub async fn open(uri: &str, size: u64, chunk: u64) -> Result<Arc<dyn Backend>> 
             redis::Redis::connect(&url, &prefix, size, chunk).await?,
         ));
     }
+    if uri.starts_with("s3://") {
+        let cfg = super::s3::S3Config::parse(uri)?;
+        return Ok(Arc::new(super::s3::S3::open(&cfg, size, chunk).await?));
+    }
     if uri.starts_with("r3map://") {
         return Ok(Arc::new(
             crate::remote::RemoteBackend::open_uri(uri, size).await?,
@@ -60,7 +64,7 @@ pub async fn open(uri: &str, size: u64, chunk: u64) -> Result<Arc<dyn Backend>> 
     }
     Err(invalid(
         uri,
-        "expected memory:, file:PATH, dir:PATH, redis://HOST:PORT/DB?prefix=NAME or r3map://HOST:PORT/REGION",
+        "expected memory:, file:PATH, dir:PATH, redis://HOST:PORT/DB?prefix=NAME, s3://BUCKET/PREFIX or r3map://HOST:PORT/REGION",
     ))
 }
 
@@ -105,7 +109,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_scheme_is_refused() {
-        let err = open("s3://bucket", 4096, 4096).await.err().unwrap();
+        let err = open("nfs://bucket", 4096, 4096).await.err().unwrap();
         assert!(err.to_string().contains("expected memory:"), "{err}");
         assert!(open("file:", 4096, 4096).await.is_err());
         assert!(open("memory:x", 4096, 4096).await.is_err());

@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use redis::aio::MultiplexedConnection;
 
+use crate::backend::s3::{self, s3_error};
 use crate::backend::{dir, memory, redis as redis_backend, uri, Backend, Error, Result};
+use object_store::path::Path as ObjPath;
 
 /// Name of the metadata file in a region's directory.
 pub const META_FILE: &str = "r3map-region";
@@ -58,6 +60,14 @@ pub enum Store {
         prefix: String,
         conn: MultiplexedConnection,
     },
+    /// Region `ID` is the prefix `PREFIX/regions/ID/` of an S3 bucket (one
+    /// object per chunk, see [`s3`]); its metadata is the object
+    /// `PREFIX/regions/ID/r3map-region` (PUT last on create, deleted first
+    /// on delete; an object PUT replaces the old one atomically).
+    S3 {
+        cfg: s3::S3Config,
+        store: Arc<dyn object_store::ObjectStore>,
+    },
 }
 
 impl Store {
@@ -85,8 +95,16 @@ impl Store {
                 .await?;
             return Ok(Store::Redis { url, prefix, conn });
         }
+        if uri.starts_with("s3://") {
+            let cfg = s3::S3Config::parse(uri)?;
+            let store = cfg.store()?;
+            let s = Store::S3 { cfg, store };
+            // Fails now on a missing bucket or a bad credential.
+            s.load().await?;
+            return Ok(s);
+        }
         Err(invalid(
-            "a region store is memory:, dir:PATH or redis://HOST:PORT/DB?prefix=NAME",
+            "a region store is memory:, dir:PATH, redis://HOST:PORT/DB?prefix=NAME or s3://BUCKET/PREFIX?...",
         ))
     }
 
@@ -105,6 +123,27 @@ impl Store {
                         continue;
                     }
                     if let Some(meta) = read_meta(&e.path())? {
+                        out.push((id, meta));
+                    }
+                }
+                out.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(out)
+            }
+            Store::S3 { cfg, store } => {
+                let root = ObjPath::from(cfg.child("regions").prefix);
+                let listed = store
+                    .list_with_delimiter(Some(&root))
+                    .await
+                    .map_err(|e| s3_error(&format!("listing {root}"), e))?;
+                let mut out = Vec::new();
+                for p in listed.common_prefixes {
+                    let Some(id) = p.filename().map(str::to_string) else {
+                        continue;
+                    };
+                    if super::check_id(&id).is_err() {
+                        continue;
+                    }
+                    if let Some(meta) = s3_meta(store.as_ref(), &s3_meta_key(cfg, &id)).await? {
                         out.push((id, meta));
                     }
                 }
@@ -152,6 +191,18 @@ impl Store {
                 std::fs::create_dir(&dir)?;
                 write_meta(&dir, &RegionMeta::new(size))
             }
+            Store::S3 { cfg, store } => {
+                // Whatever a half-done delete left goes first; the
+                // metadata object last.
+                s3_delete_prefix(store.as_ref(), &cfg.child(&format!("regions/{id}")).prefix)
+                    .await?;
+                s3_put_meta(
+                    store.as_ref(),
+                    &s3_meta_key(cfg, id),
+                    &RegionMeta::new(size),
+                )
+                .await
+            }
             Store::Redis { prefix, conn, .. } => {
                 let mut conn = conn.clone();
                 del_region_keys(&mut conn, prefix, id).await?;
@@ -181,6 +232,9 @@ impl Store {
                 tokio::task::spawn_blocking(move || write_meta(&dir, &meta))
                     .await
                     .map_err(|e| Error::io(e.to_string()))?
+            }
+            Store::S3 { cfg, store } => {
+                s3_put_meta(store.as_ref(), &s3_meta_key(cfg, id), meta).await
             }
             Store::Redis { prefix, conn, .. } => {
                 let () = redis::pipe()
@@ -213,6 +267,14 @@ impl Store {
                 std::fs::remove_dir_all(&dir)?;
                 Ok(())
             }
+            Store::S3 { cfg, store } => {
+                let key = s3_meta_key(cfg, id);
+                match store.delete(&key).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(s3_error(&format!("deleting {key}"), e)),
+                }
+                s3_delete_prefix(store.as_ref(), &cfg.child(&format!("regions/{id}")).prefix).await
+            }
             Store::Redis { prefix, conn, .. } => {
                 let mut conn = conn.clone();
                 let () = redis::cmd("SREM")
@@ -236,6 +298,9 @@ impl Store {
                 chunk,
                 OPEN_FILES_PER_REGION,
             )?)),
+            Store::S3 { cfg, .. } => Ok(Arc::new(
+                s3::S3::open(&cfg.child(&format!("regions/{id}")), size, chunk).await?,
+            )),
             Store::Redis { url, prefix, .. } => Ok(Arc::new(
                 redis_backend::Redis::connect(url, &format!("{prefix}:{id}"), size, chunk).await?,
             )),
@@ -247,6 +312,63 @@ impl Store {
     pub fn is_memory(&self) -> bool {
         matches!(self, Store::Memory)
     }
+}
+
+fn s3_meta_key(cfg: &s3::S3Config, id: &str) -> ObjPath {
+    ObjPath::from(cfg.child(&format!("regions/{id}/{META_FILE}")).prefix)
+}
+
+async fn s3_meta(
+    store: &dyn object_store::ObjectStore,
+    key: &ObjPath,
+) -> Result<Option<RegionMeta>> {
+    match store.get(key).await {
+        Ok(r) => {
+            let b = r
+                .bytes()
+                .await
+                .map_err(|e| s3_error(&format!("reading {key}"), e))?;
+            let text = String::from_utf8_lossy(&b);
+            parse_meta(&text, key.as_ref()).map(Some)
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(s3_error(&format!("reading {key}"), e)),
+    }
+}
+
+async fn s3_put_meta(
+    store: &dyn object_store::ObjectStore,
+    key: &ObjPath,
+    m: &RegionMeta,
+) -> Result<()> {
+    let body = object_store::PutPayload::from(meta_text(m).into_bytes());
+    store
+        .put(key, body)
+        .await
+        .map(|_| ())
+        .map_err(|e| s3_error(&format!("writing {key}"), e))
+}
+
+/// Deletes every object under `prefix/`.
+async fn s3_delete_prefix(store: &dyn object_store::ObjectStore, prefix: &str) -> Result<()> {
+    use tokio_stream::StreamExt;
+    let root = ObjPath::from(prefix);
+    let mut keys = Vec::new();
+    let mut list = store.list(Some(&root));
+    while let Some(m) = list.next().await {
+        keys.push(
+            m.map_err(|e| s3_error(&format!("listing {root}"), e))?
+                .location,
+        );
+    }
+    drop(list);
+    for k in keys {
+        match store.delete(&k).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(s3_error(&format!("deleting {k}"), e)),
+        }
+    }
+    Ok(())
 }
 
 fn size_key(prefix: &str, id: &str) -> String {
@@ -308,28 +430,36 @@ fn read_meta(dir: &Path) -> Result<Option<RegionMeta>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
+    parse_meta(&s, &path.display().to_string()).map(Some)
+}
+
+/// The metadata record's text: `size N`, `epoch E`, `owner O` lines.
+fn meta_text(m: &RegionMeta) -> String {
+    format!("size {}\nepoch {}\nowner {}\n", m.size, m.epoch, m.owner)
+}
+
+fn parse_meta(s: &str, what: &str) -> Result<RegionMeta> {
     let field = |name: &str| s.lines().find_map(|l| l.strip_prefix(name));
     let size = field("size ")
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| Error::io(format!("{}: no size in {s:?}", path.display())))?;
+        .ok_or_else(|| Error::io(format!("{what}: no size in {s:?}")))?;
     // Written by servers before fencing existed: never fenced.
     let epoch = match field("epoch ") {
         Some(v) => v
             .trim()
             .parse()
-            .map_err(|_| Error::io(format!("{}: bad epoch in {s:?}", path.display())))?,
+            .map_err(|_| Error::io(format!("{what}: bad epoch in {s:?}")))?,
         None => 0,
     };
     let owner = field("owner ").unwrap_or("").trim().to_string();
-    Ok(Some(RegionMeta { size, epoch, owner }))
+    Ok(RegionMeta { size, epoch, owner })
 }
 
 /// Written aside and renamed, so a crash leaves the old record or the new.
 fn write_meta(dir: &Path, m: &RegionMeta) -> Result<()> {
     let tmp = dir.join(format!("{META_FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
-    let text = format!("size {}\nepoch {}\nowner {}\n", m.size, m.epoch, m.owner);
-    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    std::io::Write::write_all(&mut f, meta_text(m).as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(META_FILE))?;
     std::fs::File::open(dir)?.sync_all()?;

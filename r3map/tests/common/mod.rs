@@ -206,6 +206,76 @@ impl RedisServer {
     }
 }
 
+/// A real S3 server (s3s-fs) on a loopback port, its data in a temp dir,
+/// with one bucket `r3map-test` and fixed credentials.
+pub struct S3Server {
+    pub proc: Proc,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    /// A credentials file for the server's keys.
+    pub creds: PathBuf,
+}
+
+/// The bucket every [`S3Server`] has.
+pub const S3_BUCKET: &str = "r3map-test";
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        require("s3s-fs");
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join(S3_BUCKET)).unwrap();
+        let creds = dir.path().join("creds");
+        std::fs::write(
+            &creds,
+            "access_key_id = r3mapaccess\nsecret_access_key = r3mapsecretkey0123\n",
+        )
+        .unwrap();
+        let port = free_port();
+        let child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--access-key",
+                "r3mapaccess",
+                "--secret-key",
+                "r3mapsecretkey0123",
+            ])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn s3s-fs");
+        let mut proc = Proc {
+            child,
+            name: "s3s-fs".into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                proc.child.try_wait().unwrap().is_none(),
+                "s3s-fs exited early"
+            );
+            assert!(Instant::now() < deadline, "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        S3Server {
+            proc,
+            port,
+            dir,
+            creds,
+        }
+    }
+
+    /// `s3://BUCKET/PREFIX?...` for this server with its credentials.
+    pub fn uri(&self, bucket: &str, prefix: &str) -> String {
+        format!(
+            "s3://{bucket}/{prefix}?endpoint=http://127.0.0.1:{}&credentials-file={}",
+            self.port,
+            self.creds.display()
+        )
+    }
+}
+
 /// Runs a command, failing the test with its output if it fails.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd
