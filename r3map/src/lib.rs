@@ -15,6 +15,7 @@ pub mod nbd;
 pub mod relay;
 pub mod remote;
 pub mod size;
+pub mod uri;
 pub mod volume;
 
 pub use backend::Backend;

@@ -143,7 +143,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let backend = volume::open_backend(&a.backend, a.size, a.chunk_size).await?;
+    let backend = r3map::uri::open_backend(&a.backend, a.size, a.chunk_size).await?;
     let vol = Volume::open(VolumeSpec {
         read_only: a.read_only,
         chunk_size: a.chunk_size,

@@ -9,9 +9,6 @@ pub mod dir;
 pub mod file;
 pub mod memory;
 pub mod redis;
-pub mod uri;
-
-pub use uri::open;
 
 /// Default chunk size for chunked backends (`dir`, `redis`, `memory`).
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;

@@ -211,7 +211,7 @@ impl Leech {
             .map_err(Error::from)?
             .into_inner();
         let fallback = match &cfg.fallback {
-            Some(uri) => Some(crate::backend::open(uri, size, chunk).await?),
+            Some(uri) => Some(crate::uri::open(uri, size, chunk).await?),
             None => None,
         };
         // A record of another session: nothing pulled can be trusted.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use redis::aio::MultiplexedConnection;
 
-use crate::backend::{dir, memory, redis as redis_backend, uri, Backend, Error, Result};
+use crate::backend::{dir, memory, redis as redis_backend, Backend, Error, Result};
 
 /// Name of the metadata file in a region's directory.
 pub const META_FILE: &str = "r3map-region";
@@ -79,7 +79,7 @@ impl Store {
             return Ok(Store::Dir(PathBuf::from(path)));
         }
         if uri.starts_with("redis://") {
-            let (url, prefix) = uri::split_prefix(uri)?;
+            let (url, prefix) = redis_backend::split_prefix(uri)?;
             let conn = redis::Client::open(url.as_str())?
                 .get_multiplexed_async_connection()
                 .await?;
