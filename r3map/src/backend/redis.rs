@@ -167,10 +167,12 @@ pub fn split_prefix(uri: &str) -> Result<(String, String)> {
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         match kv.split_once('=') {
             Some(("prefix", v)) if !v.is_empty() => prefix = Some(v.to_string()),
-            Some(("prefix", _)) => return Err(Error::InvalidUri {
+            Some(("prefix", _)) => {
+                return Err(Error::InvalidUri {
                     uri: uri.to_string(),
                     reason: "prefix must not be empty".into(),
-                }),
+                })
+            }
             _ => rest.push(kv),
         }
     }

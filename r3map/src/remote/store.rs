@@ -51,11 +51,17 @@ impl RegionMeta {
 
 /// A store of regions; see the module docs.
 pub enum Store {
+    /// `memory:`: regions in RAM, gone with the process.
     Memory,
+    /// `dir:PATH`: a directory a region.
     Dir(PathBuf),
+    /// `redis://...`: keys under a prefix.
     Redis {
+        /// The redis URL, without our `prefix` parameter.
         url: String,
+        /// The key prefix of the store.
         prefix: String,
+        /// A connection shared by every region.
         conn: MultiplexedConnection,
     },
 }
