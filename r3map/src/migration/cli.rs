@@ -3,7 +3,7 @@
 //! finalize). See docs/migration.md.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -277,18 +277,23 @@ pub struct FinalizeArgs {
     pub timeout: Duration,
 }
 
+/// A client of a leech's control endpoint, as `finalize`,
+/// `migration-status` and `migration-abort` reach it.
+async fn leech_client(
+    leech: &Endpoint,
+    token_file: Option<&Path>,
+    tls: &ClientTlsArgs,
+) -> Result<pb::leech_client::LeechClient<net::AuthedChannel>, BoxError> {
+    let token = net::token(token_file)?;
+    let tls = tls.get();
+    let ch = net::connect(leech, token.as_ref(), tls.as_ref(), Keepalive::MIGRATION).await?;
+    Ok(pb::leech_client::LeechClient::new(ch))
+}
+
 /// `r3map finalize`: prints one line of `key=value`s, and with --wait a
 /// second one when the destination holds every chunk.
 pub async fn run_finalize(a: FinalizeArgs) -> Result<(), BoxError> {
-    let token = net::token(a.token_file.as_deref())?;
-    let ch = net::connect(
-        &a.leech,
-        token.as_ref(),
-        a.tls.get().as_ref(),
-        Keepalive::MIGRATION,
-    )
-    .await?;
-    let mut c = pb::leech_client::LeechClient::new(ch);
+    let mut c = leech_client(&a.leech, a.token_file.as_deref(), &a.tls).await?;
     let t = Instant::now();
     let r = c
         .finalize(pb::LeechFinalizeRequest {
@@ -357,15 +362,8 @@ pub struct StatusArgs {
 
 /// `r3map migration-status`: one line of `key=value`s.
 pub async fn run_status(a: StatusArgs) -> Result<(), BoxError> {
-    let token = net::token(a.token_file.as_deref())?;
-    let ch = net::connect(
-        &a.leech,
-        token.as_ref(),
-        a.tls.get().as_ref(),
-        Keepalive::MIGRATION,
-    )
-    .await?;
-    let s = pb::leech_client::LeechClient::new(ch)
+    let s = leech_client(&a.leech, a.token_file.as_deref(), &a.tls)
+        .await?
         .status(pb::StatusRequest {})
         .await
         .map_err(|s| format!("status: {}", s.message()))?
@@ -389,15 +387,8 @@ pub async fn run_status(a: StatusArgs) -> Result<(), BoxError> {
 
 /// `r3map migration-abort`: gives a migration up before finalize.
 pub async fn run_abort(a: StatusArgs) -> Result<(), BoxError> {
-    let token = net::token(a.token_file.as_deref())?;
-    let ch = net::connect(
-        &a.leech,
-        token.as_ref(),
-        a.tls.get().as_ref(),
-        Keepalive::MIGRATION,
-    )
-    .await?;
-    pb::leech_client::LeechClient::new(ch)
+    leech_client(&a.leech, a.token_file.as_deref(), &a.tls)
+        .await?
         .abort(pb::LeechAbortRequest {})
         .await
         .map_err(|s| format!("abort: {}", s.message()))?;

@@ -324,6 +324,17 @@ pub struct RemoteBackend {
 }
 
 impl RemoteBackend {
+    /// A checked range of this region, for the calls that take one.
+    fn range(&self, offset: u64, len: u64) -> Result<RangeRequest> {
+        check_range(offset, len, self.size)?;
+        Ok(RangeRequest {
+            region: self.region.clone(),
+            offset,
+            length: len,
+            epoch: self.epoch.load(Ordering::SeqCst),
+        })
+    }
+
     /// Opens the region named by an `r3map://` URI, creating it with `size`
     /// bytes if it does not exist. A region of another size is refused;
     /// `size` 0 takes the region as it is.
@@ -456,25 +467,13 @@ impl Backend for RemoteBackend {
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(offset, len, self.size)?;
-        let req = RangeRequest {
-            region: self.region.clone(),
-            offset,
-            length: len,
-            epoch: self.epoch.load(Ordering::SeqCst),
-        };
+        let req = self.range(offset, len)?;
         self.grpc.clone().trim(req).await.map_err(status_error)?;
         Ok(())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(offset, len, self.size)?;
-        let req = RangeRequest {
-            region: self.region.clone(),
-            offset,
-            length: len,
-            epoch: self.epoch.load(Ordering::SeqCst),
-        };
+        let req = self.range(offset, len)?;
         self.grpc
             .clone()
             .write_zeroes(req)
