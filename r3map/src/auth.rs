@@ -15,14 +15,20 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
+/// Why a token or TLS setup could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
+    /// A token, certificate or key file could not be read.
     #[error("{what} {path}: {source}")]
     Read {
+        /// Which file it was ("token file", "TLS key", ...).
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// The error reading it.
         source: std::io::Error,
     },
+    /// A weak token or an inconsistent TLS setup.
     #[error("{0}")]
     Config(String),
 }
@@ -53,6 +59,7 @@ impl Token {
         Ok(Token(s.to_string()))
     }
 
+    /// A token from a file (see [`Token::new`]).
     pub fn from_file(path: &Path) -> Result<Token, AuthError> {
         let s = read(path, "token file")?;
         let s = String::from_utf8(s)
@@ -79,6 +86,7 @@ fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, AuthError> {
 pub struct ServerAuth(Option<Vec<u8>>);
 
 impl ServerAuth {
+    /// Checks for `token`; `None` lets every call through.
     pub fn new(token: Option<&Token>) -> Self {
         ServerAuth(token.map(|t| t.header().into_bytes()))
     }
@@ -115,6 +123,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct ClientAuth(Option<MetadataValue<Ascii>>);
 
 impl ClientAuth {
+    /// Sends `token`; `None` sends nothing.
     pub fn new(token: Option<&Token>) -> Self {
         // A Token is printable ASCII, which is always valid metadata.
         ClientAuth(token.map(|t| t.header().parse().expect("token is valid metadata")))
@@ -134,8 +143,11 @@ impl Interceptor for ClientAuth {
 /// that client certificates must chain to (mutual TLS) when given.
 #[derive(Debug, Clone)]
 pub struct ServerTls {
+    /// Certificate chain (PEM).
     pub cert: PathBuf,
+    /// Private key (PEM).
     pub key: PathBuf,
+    /// CA that clients' certificates must chain to (mutual TLS).
     pub client_ca: Option<PathBuf>,
 }
 
@@ -159,14 +171,19 @@ impl ServerTls {
 /// to, and the client's own certificate and key for mutual TLS.
 #[derive(Debug, Clone, Default)]
 pub struct ClientTls {
+    /// CA the server's certificate must chain to (PEM).
     pub ca: PathBuf,
+    /// Client certificate (PEM), for a server that wants one.
     pub cert: Option<PathBuf>,
+    /// Private key of `cert` (PEM).
     pub key: Option<PathBuf>,
     /// Name the server's certificate must carry; the host dialled otherwise.
     pub server_name: Option<String>,
 }
 
 impl ClientTls {
+    /// The tonic setup for dialling `host` (the name its certificate must
+    /// carry unless `server_name` says otherwise).
     pub fn config(&self, host: &str) -> Result<ClientTlsConfig, AuthError> {
         let mut c = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&self.ca, "CA")?))

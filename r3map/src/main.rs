@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use r3map::backend::DEFAULT_CHUNK_SIZE;
 use r3map::managed::cli::EXIT_DEADLINE;
 use r3map::nbd::server;
-use r3map::volume::{self, BackendSpec, Volume, VolumeSpec};
+use r3map::volume::{BackendSpec, Volume, VolumeSpec};
 use tracing::{error, info};
 
 #[derive(Parser)]
@@ -53,12 +53,8 @@ struct RelayArgs {
     #[arg(long)]
     to: SocketAddr,
     /// Round-trip time to add, e.g. 10ms (half in each direction)
-    #[arg(long, value_parser = humantime_duration)]
+    #[arg(long, value_parser = r3map::cli::duration)]
     rtt: Duration,
-}
-
-fn humantime_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 #[derive(Args)]
@@ -68,7 +64,7 @@ struct ServeArgs {
     #[arg(long, value_name = "URI")]
     backend: String,
     /// Size of the export, e.g. 1GiB, 512MiB, 4096
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = r3map::size::parse)]
     size: u64,
     /// Serve on a unix socket at this path
     #[arg(long, value_name = "PATH")]
@@ -83,17 +79,13 @@ struct ServeArgs {
     #[arg(long)]
     read_only: bool,
     /// Chunk size of chunked backends (dir, redis, memory)
-    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
+    #[arg(long, value_parser = r3map::size::parse, default_value_t = DEFAULT_CHUNK_SIZE)]
     chunk_size: u64,
     /// Export name; clients asking for the empty name get this export too
     #[arg(long, default_value = "r3map")]
     name: String,
     #[command(flatten)]
     seed: r3map::migration::cli::SeedArgs,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    r3map::size::parse(s)
 }
 
 fn main() -> ExitCode {
@@ -143,7 +135,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let backend = volume::open_backend(&a.backend, a.size, a.chunk_size).await?;
+    let backend = r3map::uri::open_backend(&a.backend, a.size, a.chunk_size).await?;
     let vol = Volume::open(VolumeSpec {
         read_only: a.read_only,
         chunk_size: a.chunk_size,

@@ -1,5 +1,5 @@
 //! One conformance suite that every backend passes, each opened the way users
-//! open it (`r3map::backend::open(uri, size, chunk)`): seeded random
+//! open it (`r3map::uri::open(uri, size, chunk)`): seeded random
 //! operations checked byte for byte against an in-memory model, zeros for
 //! never-written and trimmed ranges (into garbage-filled buffers),
 //! out-of-range rejection, concurrent partial writes into shared chunks, and
@@ -350,7 +350,7 @@ const CHUNKS: [u64; 2] = [4096, 64 << 10];
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_conforms() {
     for (i, chunk) in CHUNKS.into_iter().enumerate() {
-        let b = backend::open("memory:", SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open("memory:", SIZE, chunk).await.unwrap();
         must(conformance(b, chunk, 0x3e30 + i as u64).await);
     }
 }
@@ -360,13 +360,13 @@ async fn file_conforms_and_persists() {
     for (i, chunk) in CHUNKS.into_iter().enumerate() {
         let dir = common::tmp();
         let uri = format!("file:{}", dir.path().join("disk.img").display());
-        let b = backend::open(&uri, SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open(&uri, SIZE, chunk).await.unwrap();
         must(conformance(b, chunk, 0xf11e + i as u64).await);
 
-        let b = backend::open(&uri, SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open(&uri, SIZE, chunk).await.unwrap();
         let model = fill_and_flush(&*b, chunk, 0xf11f + i as u64).await;
         drop(b);
-        let b = backend::open(&uri, SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open(&uri, SIZE, chunk).await.unwrap();
         must(verify_all(&*b, &model, "file reopened after flush").await);
     }
 }
@@ -376,7 +376,7 @@ async fn dir_conforms_and_persists() {
     for (i, chunk) in CHUNKS.into_iter().enumerate() {
         let dir = common::tmp();
         let uri = format!("dir:{}", dir.path().join("chunks").display());
-        let b = backend::open(&uri, SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open(&uri, SIZE, chunk).await.unwrap();
         must(conformance(b, chunk, 0xd1 + i as u64).await);
         assert_eq!(
             chunk_files(&dir.path().join("chunks")),
@@ -384,10 +384,10 @@ async fn dir_conforms_and_persists() {
             "trimming everything leaves chunk files behind"
         );
 
-        let b = backend::open(&uri, SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open(&uri, SIZE, chunk).await.unwrap();
         let model = fill_and_flush(&*b, chunk, 0xd2 + i as u64).await;
         drop(b);
-        let b = backend::open(&uri, SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open(&uri, SIZE, chunk).await.unwrap();
         must(verify_all(&*b, &model, "dir reopened after flush").await);
     }
 }
@@ -457,16 +457,16 @@ async fn dir_trim_of_whole_chunks_removes_files() {
 async fn dir_refuses_another_chunk_size() {
     let dir = common::tmp();
     let uri = format!("dir:{}", dir.path().display());
-    let b = backend::open(&uri, SIZE, 4096).await.unwrap();
+    let b = r3map::uri::open(&uri, SIZE, 4096).await.unwrap();
     b.write_at(5000, b"kept").await.unwrap();
     b.flush().await.unwrap();
     drop(b);
-    match backend::open(&uri, SIZE, 8192).await {
+    match r3map::uri::open(&uri, SIZE, 8192).await {
         Err(Error::FailedPrecondition(msg)) => assert!(msg.contains("4096"), "{msg}"),
         Err(e) => panic!("expected a FailedPrecondition error, got {e:?}"),
         Ok(_) => panic!("reopened 4096-byte chunks as 8192-byte ones"),
     }
-    let b = backend::open(&uri, SIZE, 4096).await.unwrap();
+    let b = r3map::uri::open(&uri, SIZE, 4096).await.unwrap();
     assert_eq!(read(&*b, 5000, 4).await.unwrap(), b"kept");
 }
 
@@ -477,7 +477,7 @@ async fn file_refuses_a_larger_existing_file() {
     let content: Vec<u8> = (0..2 * SIZE).map(|i| (i % 253) as u8).collect();
     std::fs::write(&path, &content).unwrap();
     let uri = format!("file:{}", path.display());
-    match backend::open(&uri, SIZE, 4096).await {
+    match r3map::uri::open(&uri, SIZE, 4096).await {
         Err(Error::FailedPrecondition(msg)) => assert!(msg.contains("refusing"), "{msg}"),
         Err(e) => panic!("expected a FailedPrecondition error, got {e:?}"),
         Ok(_) => panic!("opened a {}-byte file as {SIZE} bytes", 2 * SIZE),
@@ -488,7 +488,7 @@ async fn file_refuses_a_larger_existing_file() {
     );
     // A smaller file is extended and keeps its bytes.
     std::fs::write(&path, &content[..1000]).unwrap();
-    let b = backend::open(&uri, SIZE, 4096).await.unwrap();
+    let b = r3map::uri::open(&uri, SIZE, 4096).await.unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), SIZE);
     let mut model = vec![0u8; SIZE as usize];
     model[..1000].copy_from_slice(&content[..1000]);
@@ -501,7 +501,7 @@ async fn file_trim_punches_holes() {
     const MIB: u64 = 1 << 20;
     let dir = common::tmp();
     let path = dir.path().join("disk.img");
-    let b = backend::open(&format!("file:{}", path.display()), SIZE, 4096)
+    let b = r3map::uri::open(&format!("file:{}", path.display()), SIZE, 4096)
         .await
         .unwrap();
     b.write_at(0, &vec![0x5A; MIB as usize]).await.unwrap();
@@ -545,27 +545,27 @@ async fn redis_conforms_and_shares_by_prefix() {
     let server = common::RedisServer::start();
     for (i, chunk) in CHUNKS.into_iter().enumerate() {
         let uri = |prefix: &str| format!("{}?prefix={prefix}-{chunk}", server.url(0));
-        let b = backend::open(&uri("conf"), SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open(&uri("conf"), SIZE, chunk).await.unwrap();
         must(conformance(b, chunk, 0x7ed1 + i as u64).await);
 
-        let b = backend::open(&uri("vol"), SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open(&uri("vol"), SIZE, chunk).await.unwrap();
         let model = fill_and_flush(&*b, chunk, 0x7ed2 + i as u64).await;
-        let same = backend::open(&uri("vol"), SIZE, chunk).await.unwrap();
+        let same = r3map::uri::open(&uri("vol"), SIZE, chunk).await.unwrap();
         must(verify_all(&*same, &model, "second backend on the same prefix").await);
         let zeros = vec![0; SIZE as usize];
-        let other = backend::open(&uri("other"), SIZE, chunk).await.unwrap();
+        let other = r3map::uri::open(&uri("other"), SIZE, chunk).await.unwrap();
         must(verify_all(&*other, &zeros, "backend on another prefix").await);
         let other_db = format!("{}?prefix=vol-{chunk}", server.url(1));
-        let other_db = backend::open(&other_db, SIZE, chunk).await.unwrap();
+        let other_db = r3map::uri::open(&other_db, SIZE, chunk).await.unwrap();
         must(verify_all(&*other_db, &zeros, "same prefix in another db").await);
         if i == 0 {
             // The default prefix is its own namespace too.
-            let default = backend::open(&server.url(0), SIZE, chunk).await.unwrap();
+            let default = r3map::uri::open(&server.url(0), SIZE, chunk).await.unwrap();
             must(verify_all(&*default, &zeros, "default prefix").await);
         }
     }
     // Same prefix, other chunk size: refused (it would scramble the data).
-    match backend::open(&format!("{}?prefix=vol-4096", server.url(0)), SIZE, 8192).await {
+    match r3map::uri::open(&format!("{}?prefix=vol-4096", server.url(0)), SIZE, 8192).await {
         Err(Error::FailedPrecondition(msg)) => assert!(msg.contains("4096"), "{msg}"),
         Err(e) => panic!("expected a FailedPrecondition error, got {e:?}"),
         Ok(_) => panic!("reopened 4096-byte chunks as 8192-byte ones"),
@@ -584,16 +584,16 @@ async fn s3_conforms_and_persists() {
     // the suite thousands of HTTP requests; 64 KiB covers the same paths.
     for (i, chunk) in [64 << 10].into_iter().enumerate() {
         let uri = |prefix: &str| server.uri(bucket, &format!("{prefix}-{chunk}"));
-        let b = backend::open(&uri("conf"), SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open(&uri("conf"), SIZE, chunk).await.unwrap();
         must(conformance(b, chunk, 0x53 + i as u64).await);
-        let b = backend::open(&uri("vol"), SIZE, chunk).await.unwrap();
+        let b = r3map::uri::open(&uri("vol"), SIZE, chunk).await.unwrap();
         let model = fill_and_flush(&*b, chunk, 0x54 + i as u64).await;
-        let same = backend::open(&uri("vol"), SIZE, chunk).await.unwrap();
+        let same = r3map::uri::open(&uri("vol"), SIZE, chunk).await.unwrap();
         must(verify_all(&*same, &model, "second backend on the same prefix").await);
-        let other = backend::open(&uri("other"), SIZE, chunk).await.unwrap();
+        let other = r3map::uri::open(&uri("other"), SIZE, chunk).await.unwrap();
         must(verify_all(&*other, &vec![0; SIZE as usize], "another prefix").await);
     }
-    match backend::open(&server.uri(bucket, "vol-65536"), SIZE, 8192).await {
+    match r3map::uri::open(&server.uri(bucket, "vol-65536"), SIZE, 8192).await {
         Err(Error::FailedPrecondition(msg)) => assert!(msg.contains("65536"), "{msg}"),
         Err(e) => panic!("expected a FailedPrecondition error, got {e:?}"),
         Ok(_) => panic!("reopened 4096-byte chunks as 8192-byte ones"),
@@ -610,14 +610,14 @@ async fn s3_conforms_and_persists() {
         server.port,
         bad.display()
     );
-    let e = backend::open(&uri, SIZE, 4096)
+    let e = r3map::uri::open(&uri, SIZE, 4096)
         .await
         .err()
         .expect("bad secret accepted");
     assert_eq!(e.kind(), r3map::ErrorKind::InvalidArgument, "{e}");
     assert!(e.to_string().contains("credentials"), "{e}");
     // A missing bucket.
-    let e = backend::open(&server.uri("no-such-bucket", "x"), SIZE, 4096)
+    let e = r3map::uri::open(&server.uri("no-such-bucket", "x"), SIZE, 4096)
         .await
         .err()
         .expect("a missing bucket opened");
@@ -626,7 +626,7 @@ async fn s3_conforms_and_persists() {
     // The server goes away: a clear, retryable error, not a hang; what
     // was written and flushed before is there when it is back.
     let chunk = 4096;
-    let b = backend::open(&server.uri(bucket, "gone"), SIZE, chunk)
+    let b = r3map::uri::open(&server.uri(bucket, "gone"), SIZE, chunk)
         .await
         .unwrap();
     let model = fill_and_flush(&*b, chunk, 0x55).await;
@@ -669,7 +669,7 @@ async fn s3_conforms_and_persists() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let b = backend::open(&server.uri(bucket, "gone"), SIZE, chunk)
+    let b = r3map::uri::open(&server.uri(bucket, "gone"), SIZE, chunk)
         .await
         .unwrap();
     must(verify_all(&*b, &model, "flushed data after the server came back").await);

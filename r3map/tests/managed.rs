@@ -33,6 +33,8 @@ struct Probe {
     reads: AtomicU64,
     /// Bytes handed out by reads (counted once they are copied).
     bytes_read: AtomicU64,
+    /// Reads that returned their bytes (after the delay).
+    reads_done: AtomicU64,
     writes_started: AtomicU64,
     writes: AtomicU64,
     trims: AtomicU64,
@@ -50,6 +52,7 @@ impl Probe {
             mem: Memory::new(size, chunk),
             reads: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
+            reads_done: AtomicU64::new(0),
             writes_started: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             trims: AtomicU64::new(0),
@@ -90,6 +93,7 @@ impl Backend for Probe {
         if d > 0 {
             tokio::time::sleep(Duration::from_millis(d)).await;
         }
+        self.reads_done.fetch_add(1, SeqCst);
         Ok(())
     }
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
@@ -109,6 +113,16 @@ impl Backend for Probe {
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.trims.fetch_add(1, SeqCst);
         self.mem.trim(offset, len).await
+    }
+}
+
+/// Polls `cond` until it holds; fails after a bound generous enough for a
+/// loaded 2-core runner, so only a hang fails it.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -139,14 +153,13 @@ async fn on_demand_read_is_served_before_the_background_pull_reaches_it() {
     let data = random_bytes(1, 32 * chunk);
     let p = Probe::with(&data, chunk).await;
     p.read_delay_ms.store(100, SeqCst);
-    // One slow worker, ascending: chunk 31 would come after ~3 s.
+    // One slow worker, ascending: chunk 31 would come after ~3 s. What
+    // proves the read did not wait for it is the counters, not a clock:
+    // one on-demand fetch, and most chunks still missing.
     let m = plain(&d.path().join("c"), &p, opts(chunk, 1));
-    let t = Instant::now();
     let got = read(&m, 31 * chunk + 100, 1000).await.unwrap();
-    let took = t.elapsed();
     assert_eq!(got, &data[(31 * chunk + 100) as usize..][..1000]);
     let pr = m.progress();
-    assert!(took < Duration::from_millis(800), "took {took:?}");
     assert!(pr.chunks_missing > 20, "{pr:?}");
     assert_eq!(pr.on_demand_fetches, 1, "{pr:?}");
     assert_eq!(m.chunk_state(31), Some(ChunkState::Local));
@@ -194,11 +207,7 @@ async fn concurrent_reads_of_one_chunk_fetch_it_once() {
 }
 
 async fn wait_in_flight(m: &Managed) {
-    let t = Instant::now();
-    while m.progress().chunks_in_flight == 0 {
-        assert!(t.elapsed() < Duration::from_secs(5), "no fetch started");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for("a fetch to start", || m.progress().chunks_in_flight > 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,9 +219,9 @@ async fn a_read_joins_a_background_fetch_in_flight() {
     p.read_delay_ms.store(300, SeqCst);
     let m = plain(&d.path().join("c"), &p, opts(chunk, 1));
     wait_in_flight(&m).await; // the worker took chunk 0
-    let t = Instant::now();
+                              // Joined, not refetched: the counter says so (a bound on the time
+                              // taken would only say the machine was not busy).
     assert_eq!(read(&m, 0, 10).await.unwrap(), &data[..10]);
-    assert!(t.elapsed() < Duration::from_secs(1));
     assert_eq!(m.progress().on_demand_fetches, 0, "joined, not refetched");
     m.wait_complete().await;
     assert_eq!(p.reads.load(SeqCst), 4);
@@ -363,7 +372,7 @@ async fn a_failed_fetch_is_an_error_not_zeros_and_is_retried() {
     let d2 = tmp();
     p.fail_reads.store(true, SeqCst);
     let m = plain(&d2.path().join("c"), &p, opts(chunk, 2));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_for("two failed fetches", || m.progress().fetch_errors >= 2).await;
     let pr = m.progress();
     assert!(pr.fetch_errors >= 2 && pr.chunks_missing == 8, "{pr:?}");
     p.fail_reads.store(false, SeqCst);
@@ -381,30 +390,42 @@ async fn hold_makes_io_wait_and_release_lets_it_through() {
     let p = Probe::with(&data, chunk).await;
     let m = Arc::new(plain(&d.path().join("c"), &p, opts(chunk, 2)));
     m.hold().await;
+    // Each I/O notes whether release had happened when it completed: the
+    // ordering is the proof, however long the machine takes.
+    let released = Arc::new(AtomicBool::new(false));
     let r = {
-        let m = m.clone();
-        tokio::spawn(async move { read(&m, 0, 100).await })
+        let (m, released) = (m.clone(), released.clone());
+        tokio::spawn(async move {
+            let r = read(&m, 0, 100).await;
+            (r, released.load(SeqCst))
+        })
     };
     let w = {
-        let m = m.clone();
+        let (m, released) = (m.clone(), released.clone());
         tokio::spawn(async move {
-            m.write_at(chunk, b"held").await?;
-            m.flush().await
+            let r = async {
+                m.write_at(chunk, b"held").await?;
+                m.flush().await
+            }
+            .await;
+            (r, released.load(SeqCst))
         })
     };
     // Background pull goes on while held.
-    tokio::time::timeout(Duration::from_secs(10), m.wait_complete())
+    tokio::time::timeout(Duration::from_secs(20), m.wait_complete())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !r.is_finished() && !w.is_finished(),
-        "I/O went through a held gate"
-    );
-    assert_eq!(p.writes_started.load(SeqCst), 0);
+    // A moment for held I/O to slip through, if the gate leaked.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(p.writes_started.load(SeqCst), 0, "a write passed the gate");
+    released.store(true, SeqCst);
     m.release().await;
-    assert_eq!(r.await.unwrap().unwrap(), &data[..100]);
-    w.await.unwrap().unwrap();
+    let (got, after) = r.await.unwrap();
+    assert_eq!(got.unwrap(), &data[..100]);
+    assert!(after, "a read went through a held gate");
+    let (res, after) = w.await.unwrap();
+    res.unwrap();
+    assert!(after, "a write went through a held gate");
     assert_eq!(&p.contents().await[chunk as usize..][..4], b"held");
 }
 
@@ -432,7 +453,10 @@ async fn mark_missing_pulls_again_and_discards_a_stale_fetch() {
     // A fetch in flight when its chunk is marked missing carries old bytes:
     // it must be thrown away.
     m.mark_missing(&[5]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await; // background refetched it
+    wait_for("the background to refetch chunk 5", || {
+        m.chunk_state(5) == Some(ChunkState::Local)
+    })
+    .await;
     m.hold().await; // as the migration does
     p.read_delay_ms.store(300, SeqCst);
     let before = p.bytes_read.load(SeqCst);
@@ -440,13 +464,19 @@ async fn mark_missing_pulls_again_and_discards_a_stale_fetch() {
     while p.bytes_read.load(SeqCst) == before {
         tokio::time::sleep(Duration::from_millis(1)).await; // until a worker holds the old bytes
     }
+    let stale_done = p.reads_done.load(SeqCst) + 1;
     p.mem.write_at(5 * chunk, b"late").await.unwrap();
-    // The new fetch is slower than the stale one: the stale one lands
-    // first, and is the one to throw away.
-    p.read_delay_ms.store(700, SeqCst);
+    // The new fetch is much slower than the stale one: the stale one
+    // lands first, and is the one to throw away. Wait for that landing
+    // (an event), then look while the new fetch is still seconds away.
+    p.read_delay_ms.store(3000, SeqCst);
     m.mark_missing(&[5]).await.unwrap();
     m.release().await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_for("the stale fetch to land", || {
+        p.reads_done.load(SeqCst) >= stale_done
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // its install step
     assert_eq!(
         m.chunk_state(5),
         Some(ChunkState::Missing),
@@ -466,11 +496,7 @@ async fn prioritize_moves_chunks_ahead() {
     p.read_delay_ms.store(20, SeqCst);
     let m = plain(&d.path().join("c"), &p, opts(chunk, 1));
     m.prioritize(&[60, 61]);
-    let t = Instant::now();
-    while m.chunk_state(61) != Some(ChunkState::Local) {
-        assert!(t.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for("chunk 61", || m.chunk_state(61) == Some(ChunkState::Local)).await;
     let pr = m.progress();
     assert!(pr.chunks_local < 10, "61 came late: {pr:?}");
     assert_eq!(pr.on_demand_fetches, 0);
@@ -510,14 +536,10 @@ async fn reopen_reuses_the_cache_pushes_dirty_and_refuses_a_mismatch() {
     assert!(e.to_string().contains("region"), "{e}");
 
     let m = plain(&cache, &p, opts(chunk, 4));
-    let t = Instant::now();
-    while m.chunk_state(7) != Some(ChunkState::Local) {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "dirty chunk not pushed on restart"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for("the dirty chunk to be pushed on restart", || {
+        m.chunk_state(7) == Some(ChunkState::Local)
+    })
+    .await;
     assert_eq!(
         &p.contents().await[(7 * chunk + 3) as usize..][..8],
         b"unpushed"
@@ -533,8 +555,10 @@ async fn reopen_reuses_the_cache_pushes_dirty_and_refuses_a_mismatch() {
     assert_eq!(m.progress().bytes_pulled, 0);
 }
 
+/// A benchmark: `cargo test` skips it, `bench/bench-remote` runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_access_latency_of_a_missing_chunk() {
+#[ignore = "benchmark: run by bench/bench-remote (cargo test -- --ignored bench_)"]
+async fn bench_first_access_latency_of_a_missing_chunk() {
     // Numbers for the report: a memory remote, no background pull.
     for chunk in [256 * KIB, r3map::managed::DEFAULT_CHUNK_SIZE] {
         let d = tmp();
@@ -563,7 +587,8 @@ async fn first_access_latency_of_a_missing_chunk() {
             hit[32]
         );
         assert_eq!(p.reads.load(SeqCst), 64);
-        assert!(lat[32] < Duration::from_millis(50), "{lat:?}");
+        // Only a hang fails: the numbers above are the point.
+        assert!(lat[32] < Duration::from_secs(5), "{lat:?}");
     }
 }
 
@@ -769,8 +794,10 @@ fn mount_async_dirty_chunks_are_pushed_after_sigkill_restart() {
 }
 
 /// Cold sequential read of 256 MiB through the mount from a memory remote.
+/// A benchmark: `cargo test` skips it, `bench/bench-remote` runs it.
 #[test]
-fn mount_cold_sequential_read_throughput() {
+#[ignore = "benchmark: run by bench/bench-remote (cargo test -- --ignored bench_)"]
+fn bench_mount_cold_sequential_read_throughput() {
     require("nbdcopy");
     let d = tmp();
     let cache = d.path().join("cache.img");

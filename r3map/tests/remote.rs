@@ -415,10 +415,10 @@ async fn token_auth() {
 
     // And through the URI a mount uses.
     let uri = format!("r3map://{}/t?token-file={}", srv.addr(), good.display());
-    let b = r3map::backend::open(&uri, MIB, MIB).await.unwrap();
+    let b = r3map::uri::open(&uri, MIB, MIB).await.unwrap();
     assert_eq!(read(&*b, 5, 5).await, b"hello");
     let uri = format!("r3map://{}/t", srv.addr());
-    assert!(r3map::backend::open(&uri, MIB, MIB).await.is_err());
+    assert!(r3map::uri::open(&uri, MIB, MIB).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,7 +490,7 @@ async fn mutual_tls() {
         ccert.display(),
         ckey.display()
     );
-    let b = r3map::backend::open(&uri, 0, MIB).await.unwrap();
+    let b = r3map::uri::open(&uri, 0, MIB).await.unwrap();
     assert_eq!(b.size(), 4 * MIB);
     assert!(read(&*b, 777, 3 * MIB).await == data);
 }

@@ -506,20 +506,32 @@ async fn close_waits_for_fetches_in_flight_and_no_task_outlives_it() {
         }
         got
     });
-    let mut closing = tokio::spawn(vol.close(deadline()));
     // Close must wait: the reads are answered only once the source answers.
+    // Proven by ordering: when close returns, the source must be open.
+    let mut closing = {
+        let open = src.open.subscribe();
+        tokio::spawn(async move {
+            let r = vol.close(deadline()).await;
+            (r, *open.borrow())
+        })
+    };
+    // A moment for close to return early, if it would.
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), &mut closing)
+        tokio::time::timeout(Duration::from_millis(100), &mut closing)
             .await
             .is_err(),
         "close returned while fetches were in flight"
     );
     src.open.send_replace(true);
-    tokio::time::timeout(TIMEOUT, &mut closing)
+    let (closed, source_was_open) = tokio::time::timeout(TIMEOUT, &mut closing)
         .await
         .expect("close hung")
-        .unwrap()
         .unwrap();
+    closed.unwrap();
+    assert!(
+        source_was_open,
+        "close returned while fetches were in flight"
+    );
     // Every read read before close was answered, with the source's bytes.
     let got = replies.await.unwrap();
     for i in 8..12u64 {
@@ -630,20 +642,28 @@ impl Gated {
     }
 }
 
+/// The `embed` example, as `cargo test` built it: examples land in
+/// `<profile dir>/examples/`, and this test runs from `<profile dir>/deps/`.
+/// (`cargo run --example` would relink it, about a minute on a small runner.)
+fn embed_example() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from <target>/<profile>/deps");
+    let bin = profile.join("examples").join("embed");
+    assert!(
+        bin.is_file(),
+        "{} not found: `cargo test` builds examples; run this through cargo test \
+         (or `cargo build --release --example embed` first)",
+        bin.display()
+    );
+    bin
+}
+
 #[test]
 fn embed_example_runs_and_reports() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
-    let out = Command::new(cargo)
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "--example",
-            "embed",
-            "--manifest-path",
-            manifest,
-        ])
+    let out = Command::new(embed_example())
         .env("R3MAP_LOG", "warn")
         .output()
         .unwrap();

@@ -195,7 +195,7 @@ fn secs(s: Option<u64>) -> Option<Duration> {
 
 async fn open_server(vol: &Volume) -> Result<(Server, u16), BoxErr> {
     let backend =
-        r3map::backend::open(&vol.backend, vol.size, r3map::backend::DEFAULT_CHUNK_SIZE).await?;
+        r3map::uri::open(&vol.backend, vol.size, r3map::backend::DEFAULT_CHUNK_SIZE).await?;
     let export = Export::new(vol.id.clone(), backend);
     let flags = export.transmission_flags(false);
     Ok((Server::single(export), flags))

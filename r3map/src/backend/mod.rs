@@ -10,9 +10,6 @@ pub mod file;
 pub mod memory;
 pub mod redis;
 pub mod s3;
-pub mod uri;
-
-pub use uri::open;
 
 /// Default chunk size for chunked backends (`dir`, `redis`, `memory`).
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;

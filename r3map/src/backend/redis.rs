@@ -155,3 +155,48 @@ local n = math.min(tonumber(ARGV[2]), cur - off)
 if n > 0 then redis.call('SETRANGE', KEYS[1], off, string.rep('\0', n)) end
 return 0
 "#;
+
+/// Takes our `prefix=` query parameter out of a redis URL; the rest goes
+/// to the redis client unchanged.
+pub fn split_prefix(uri: &str) -> Result<(String, String)> {
+    let Some((base, query)) = uri.split_once('?') else {
+        return Ok((uri.to_string(), "r3map".to_string()));
+    };
+    let mut prefix = None;
+    let mut rest = Vec::new();
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=') {
+            Some(("prefix", v)) if !v.is_empty() => prefix = Some(v.to_string()),
+            Some(("prefix", _)) => {
+                return Err(Error::InvalidUri {
+                    uri: uri.to_string(),
+                    reason: "prefix must not be empty".into(),
+                })
+            }
+            _ => rest.push(kv),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, prefix.unwrap_or_else(|| "r3map".to_string())))
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn redis_prefix_is_taken_out() {
+        let (u, p) = split_prefix("redis://127.0.0.1:6379/2?prefix=vol1").unwrap();
+        assert_eq!(
+            (u.as_str(), p.as_str()),
+            ("redis://127.0.0.1:6379/2", "vol1")
+        );
+        let (u, p) = split_prefix("redis://h:1/0").unwrap();
+        assert_eq!((u.as_str(), p.as_str()), ("redis://h:1/0", "r3map"));
+        assert!(split_prefix("redis://h:1/0?prefix=").is_err());
+    }
+}

@@ -13,6 +13,7 @@ use super::{
 use crate::nbd::server;
 use crate::volume::{Mode, Volume, VolumeSpec};
 
+/// Flags of `r3map mount`.
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("transport").required(true).args(["socket", "listen"]))]
 pub struct MountArgs {
@@ -20,7 +21,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "URI")]
     pub remote: String,
     /// Size of the region, e.g. 1GiB
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::size::parse)]
     pub size: u64,
     /// Local cache file (sparse, the size of the region); its chunk states
     /// are kept in PATH.state, and counters in PATH.progress.json
@@ -33,7 +34,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<SocketAddr>,
     /// Chunk size of the cache (and of a chunked remote)
-    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
+    #[arg(long, value_parser = crate::size::parse, default_value_t = DEFAULT_CHUNK_SIZE)]
     pub chunk_size: u64,
     /// Background pull workers (0: fetch on demand only)
     #[arg(long, default_value_t = DEFAULT_PULL_WORKERS)]
@@ -42,7 +43,7 @@ pub struct MountArgs {
     #[arg(long, default_value_t = DEFAULT_PUSH_WORKERS)]
     pub push_workers: usize,
     /// Interval between background pushes of written chunks
-    #[arg(long, value_parser = duration, default_value = "20s")]
+    #[arg(long, value_parser = crate::cli::duration, default_value = "20s")]
     pub push_interval: Duration,
     /// flush: an fsync returns once the data is pushed to the remote;
     /// async: fsync only syncs the local cache (writes since the last push
@@ -57,14 +58,6 @@ pub struct MountArgs {
     /// after handing its region over stays closed to writes and never pushes.
     #[command(flatten)]
     pub seed: crate::migration::cli::SeedArgs,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    crate::size::parse(s)
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 /// Path of the status file: counters as JSON, rewritten every second.

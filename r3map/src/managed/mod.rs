@@ -84,11 +84,15 @@ pub enum Durability {
 /// Tuning of a [`Managed`] mount.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Unit of pulling, pushing and state tracking.
     pub chunk_size: u64,
     /// Background pull workers; 0 pulls only on demand.
     pub pull_workers: usize,
+    /// Chunks pushed concurrently.
     pub push_workers: usize,
+    /// Interval between background pushes of written chunks.
     pub push_interval: Duration,
+    /// What a flush promises (see [`Durability`]).
     pub durability: Durability,
 }
 
@@ -350,19 +354,23 @@ impl Managed {
         Managed { inner }
     }
 
+    /// Chunk size of the cache.
     pub fn chunk_size(&self) -> u64 {
         self.inner.chunk
     }
 
+    /// Number of chunks (the last may be short).
     pub fn chunk_count(&self) -> u64 {
         self.inner.count
     }
 
+    /// State of chunk `i`; `None` past the end.
     pub fn chunk_state(&self, i: u64) -> Option<ChunkState> {
         let sh = self.inner.shared.lock().unwrap();
         sh.chunks.get(i as usize).map(|m| m.state)
     }
 
+    /// Counters as of now.
     pub fn progress(&self) -> Progress {
         self.inner.progress()
     }

@@ -8,18 +8,27 @@ use super::*;
 /// Counters of a mount, as of one instant.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
+    /// Chunks of the region.
     pub chunks_total: u64,
+    /// Chunks in the cache, same as the sink's.
     pub chunks_local: u64,
+    /// Chunks written here and not yet pushed.
     pub chunks_dirty: u64,
+    /// Chunks not in the cache yet.
     pub chunks_missing: u64,
+    /// Chunks being fetched now.
     pub chunks_in_flight: u64,
     /// Chunks pushed to the sink and recorded Local.
     pub chunks_pushed: u64,
+    /// Bytes fetched from the source and installed.
     pub bytes_pulled: u64,
+    /// Bytes pushed to the sink.
     pub bytes_pushed: u64,
     /// Fetches started by a read or write rather than the background pull.
     pub on_demand_fetches: u64,
+    /// Failed fetches (each retried).
     pub fetch_errors: u64,
+    /// Failed pushes (each retried).
     pub push_errors: u64,
 }
 

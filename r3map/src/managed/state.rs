@@ -162,6 +162,7 @@ impl StateFile {
         Ok(())
     }
 
+    /// Where the state file lives.
     pub fn path(&self) -> &Path {
         &self.path
     }

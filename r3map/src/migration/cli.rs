@@ -3,7 +3,7 @@
 //! finalize). See docs/migration.md.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,75 +11,15 @@ use clap::Args;
 use tracing::{info, warn};
 
 use super::leech::{self, Leech, LeechService};
-use super::net::{self, ClientTls, Endpoint, Listener, ServerAuth, ServerTls, Token};
 use super::pb::{self, leech_server::LeechServer, seed_server::SeedServer};
 use super::seed::SeedService;
 use super::source::Source;
 use crate::backend::Backend;
+use crate::cli::{ClientTlsArgs, ServerTlsArgs};
 use crate::nbd::{server, Export, Server};
+use crate::net::{self, Endpoint, Keepalive, Listener, ServerAuth, ServerTls, Token};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// TLS of a host's migration services (Seed, Leech control), as
-/// `r3map backend` has: the same flags, the same meaning.
-#[derive(Args, Debug, Clone, Default)]
-pub struct ServerTlsArgs {
-    /// TLS certificate chain (PEM) of the migration services
-    #[arg(long, value_name = "PEM", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM)
-    #[arg(long, value_name = "PEM", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Clients must present a certificate signed by this CA (mutual TLS)
-    #[arg(long, value_name = "PEM", requires = "tls_cert")]
-    pub client_ca: Option<PathBuf>,
-}
-
-impl ServerTlsArgs {
-    fn get(&self) -> Option<ServerTls> {
-        match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(ServerTls {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: self.client_ca.clone(),
-            }),
-            _ => None,
-        }
-    }
-
-    fn given(&self) -> bool {
-        self.tls_cert.is_some() || self.tls_key.is_some() || self.client_ca.is_some()
-    }
-}
-
-/// TLS of a client of the migration services, as the `ca`, `cert`, `key`
-/// and `tls-name` parameters of an `r3map://` URI.
-#[derive(Args, Debug, Clone, Default)]
-pub struct ClientTlsArgs {
-    /// Use TLS; the server's certificate must chain to this CA (PEM)
-    #[arg(long, value_name = "PEM")]
-    pub ca: Option<PathBuf>,
-    /// Client certificate (PEM), for a server with --client-ca
-    #[arg(long, value_name = "PEM", requires = "ca", requires = "key")]
-    pub cert: Option<PathBuf>,
-    /// Private key (PEM) of --cert
-    #[arg(long, value_name = "PEM", requires = "cert")]
-    pub key: Option<PathBuf>,
-    /// Name the server's certificate carries, when not the host dialled
-    #[arg(long, value_name = "NAME", requires = "ca")]
-    pub tls_name: Option<String>,
-}
-
-impl ClientTlsArgs {
-    fn get(&self) -> Option<ClientTls> {
-        self.ca.as_ref().map(|ca| ClientTls {
-            ca: ca.clone(),
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-            server_name: self.tls_name.clone(),
-        })
-    }
-}
 
 /// Options of `r3map serve` that make it a migration source.
 #[derive(Args, Debug, Clone, Default)]
@@ -92,6 +32,7 @@ pub struct SeedArgs {
     /// File holding the shared bearer token of the migration services.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS of the Seed service.
     #[command(flatten)]
     pub tls: ServerTlsArgs,
 }
@@ -115,7 +56,7 @@ fn spawn_seed(
     tls: Option<&ServerTls>,
 ) -> Result<SeedHandle, BoxError> {
     let stop = tokio_util::sync::CancellationToken::new();
-    let router = net::server(tls)?.add_service(SeedServer::with_interceptor(
+    let router = net::server(tls, Keepalive::MIGRATION)?.add_service(SeedServer::with_interceptor(
         SeedService::new(region),
         ServerAuth::new(token),
     ));
@@ -148,6 +89,7 @@ pub async fn serve_seed(a: &SeedArgs, source: Arc<Source>) -> Result<Option<Seed
     Ok(Some(spawn_seed(l, source, token.as_ref(), tls.as_ref())?))
 }
 
+/// Flags of `r3map leech`.
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("transport").required(true).args(["socket", "listen"]))]
 pub struct LeechArgs {
@@ -194,15 +136,11 @@ pub struct LeechArgs {
     #[arg(long, default_value_t = crate::managed::DEFAULT_PULL_WORKERS)]
     pub pull_workers: usize,
     /// How long failing seed reads are retried before the seed is declared lost
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::cli::duration)]
     pub seed_timeout: Duration,
     /// Export name; clients asking for the empty name get this export too
     #[arg(long, default_value = "r3map")]
     pub name: String,
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 /// `r3map leech`: runs until SIGINT/SIGTERM. Fails (exit non-zero) when the
@@ -247,10 +185,12 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
     let accept = srv.spawn_accept(nbd_l);
     let stop = tokio_util::sync::CancellationToken::new();
     let control = {
-        let router = net::server(tls.as_ref())?.add_service(LeechServer::with_interceptor(
-            LeechService(leech.clone()),
-            ServerAuth::new(token.as_ref()),
-        ));
+        let router = net::server(tls.as_ref(), Keepalive::MIGRATION)?.add_service(
+            LeechServer::with_interceptor(
+                LeechService(leech.clone()),
+                ServerAuth::new(token.as_ref()),
+            ),
+        );
         let s = stop.clone();
         info!(on = %ctl.describe(), "migration: serving Leech control");
         tokio::spawn(async move {
@@ -313,6 +253,7 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Flags of `r3map finalize`.
 #[derive(Args, Debug)]
 pub struct FinalizeArgs {
     /// The leech's control endpoint (its --control)
@@ -321,6 +262,7 @@ pub struct FinalizeArgs {
     /// Bearer token file, if the leech has one
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS to the leech's control endpoint.
     #[command(flatten)]
     pub tls: ClientTlsArgs,
     /// The source is dead and fenced: finalize without its dirty list,
@@ -331,16 +273,27 @@ pub struct FinalizeArgs {
     #[arg(long)]
     pub wait: bool,
     /// Give up waiting after this long
-    #[arg(long, default_value = "1h", value_parser = duration)]
+    #[arg(long, default_value = "1h", value_parser = crate::cli::duration)]
     pub timeout: Duration,
+}
+
+/// A client of a leech's control endpoint, as `finalize`,
+/// `migration-status` and `migration-abort` reach it.
+async fn leech_client(
+    leech: &Endpoint,
+    token_file: Option<&Path>,
+    tls: &ClientTlsArgs,
+) -> Result<pb::leech_client::LeechClient<net::AuthedChannel>, BoxError> {
+    let token = net::token(token_file)?;
+    let tls = tls.get();
+    let ch = net::connect(leech, token.as_ref(), tls.as_ref(), Keepalive::MIGRATION).await?;
+    Ok(pb::leech_client::LeechClient::new(ch))
 }
 
 /// `r3map finalize`: prints one line of `key=value`s, and with --wait a
 /// second one when the destination holds every chunk.
 pub async fn run_finalize(a: FinalizeArgs) -> Result<(), BoxError> {
-    let token = net::token(a.token_file.as_deref())?;
-    let ch = net::connect(&a.leech, token.as_ref(), a.tls.get().as_ref()).await?;
-    let mut c = pb::leech_client::LeechClient::new(ch);
+    let mut c = leech_client(&a.leech, a.token_file.as_deref(), &a.tls).await?;
     let t = Instant::now();
     let r = c
         .finalize(pb::LeechFinalizeRequest {
@@ -393,6 +346,7 @@ pub async fn run_finalize(a: FinalizeArgs) -> Result<(), BoxError> {
     }
 }
 
+/// Flags of `r3map migration-status` and `migration-abort`.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// The leech's control endpoint (its --control)
@@ -401,15 +355,15 @@ pub struct StatusArgs {
     /// Bearer token file, if the leech has one
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS to the leech's control endpoint.
     #[command(flatten)]
     pub tls: ClientTlsArgs,
 }
 
 /// `r3map migration-status`: one line of `key=value`s.
 pub async fn run_status(a: StatusArgs) -> Result<(), BoxError> {
-    let token = net::token(a.token_file.as_deref())?;
-    let ch = net::connect(&a.leech, token.as_ref(), a.tls.get().as_ref()).await?;
-    let s = pb::leech_client::LeechClient::new(ch)
+    let s = leech_client(&a.leech, a.token_file.as_deref(), &a.tls)
+        .await?
         .status(pb::StatusRequest {})
         .await
         .map_err(|s| format!("status: {}", s.message()))?
@@ -433,9 +387,8 @@ pub async fn run_status(a: StatusArgs) -> Result<(), BoxError> {
 
 /// `r3map migration-abort`: gives a migration up before finalize.
 pub async fn run_abort(a: StatusArgs) -> Result<(), BoxError> {
-    let token = net::token(a.token_file.as_deref())?;
-    let ch = net::connect(&a.leech, token.as_ref(), a.tls.get().as_ref()).await?;
-    pb::leech_client::LeechClient::new(ch)
+    leech_client(&a.leech, a.token_file.as_deref(), &a.tls)
+        .await?
         .abort(pb::LeechAbortRequest {})
         .await
         .map_err(|s| format!("abort: {}", s.message()))?;

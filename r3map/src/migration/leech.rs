@@ -17,12 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
-use super::net::{self, Endpoint, Token};
 use super::pb::{self, leech_server};
 use super::record::{self, Handover, LeechRecord};
 use super::seed::{handover_of, SeedClient};
 use crate::backend::Backend;
 use crate::managed::{self, Managed};
+use crate::net::{self, Endpoint, Keepalive, Token};
 use crate::{Error, Result};
 
 /// How to start (or resume) a leech.
@@ -32,7 +32,7 @@ pub struct Config {
     /// Bearer token for the seed.
     pub token: Option<Token>,
     /// TLS to the seed (with a client certificate for mutual TLS).
-    pub tls: Option<super::net::ClientTls>,
+    pub tls: Option<crate::net::ClientTls>,
     /// Local cache; its chunk states go to `CACHE.state`, the migration
     /// record to `CACHE.migration`.
     pub cache: PathBuf,
@@ -189,14 +189,14 @@ impl Leech {
             }
         }
         let (token, tls) = (cfg.token.as_ref(), cfg.tls.as_ref());
-        let ch = net::connect(&cfg.from, token, tls)
+        let ch = net::connect(&cfg.from, token, tls, Keepalive::MIGRATION)
             .await
             .map_err(leech_err)?;
         // Control calls get their own connection: on the data connection
         // Finalize's reply would queue behind megabytes of chunk data in
         // the HTTP/2 window, and that wait is downtime.
         let control = pb::seed_client::SeedClient::new(
-            net::connect(&cfg.from, token, tls)
+            net::connect(&cfg.from, token, tls, Keepalive::MIGRATION)
                 .await
                 .map_err(leech_err)?,
         );
@@ -211,7 +211,7 @@ impl Leech {
             .map_err(Error::from)?
             .into_inner();
         let fallback = match &cfg.fallback {
-            Some(uri) => Some(crate::backend::open(uri, size, chunk).await?),
+            Some(uri) => Some(crate::uri::open(uri, size, chunk).await?),
             None => None,
         };
         // A record of another session: nothing pulled can be trusted.

@@ -7,7 +7,6 @@
 
 pub mod cli;
 pub mod leech;
-pub mod net;
 pub mod record;
 pub mod seed;
 pub mod source;

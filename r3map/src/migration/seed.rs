@@ -1,4 +1,4 @@
-//! The source side: the `Seed` gRPC service over a [`Tracked`] region, and
+//! The source side: the `Seed` gRPC service over a [`Tracked`](super::Tracked) region, and
 //! [`SeedClient`], the destination's read-only [`Backend`] view of a seed.
 
 use std::pin::Pin;
@@ -35,6 +35,7 @@ impl SeedService {
         SeedService { source }
     }
 
+    /// The tonic server of this service, without an interceptor.
     pub fn into_server(self) -> seed_server::SeedServer<Self> {
         seed_server::SeedServer::new(self)
     }
@@ -194,7 +195,7 @@ pub fn handover_of(reply: &pb::FinalizeReply, chunks: u64) -> Result<Handover, S
 }
 
 /// A client of a `Seed` with the channel's auth applied.
-pub type Client = pb::seed_client::SeedClient<super::net::AuthedChannel>;
+pub type Client = pb::seed_client::SeedClient<crate::net::AuthedChannel>;
 
 /// The destination's view of the seed's region: reads over gRPC, retried
 /// until `patience` has passed without success; then the seed is declared
@@ -226,14 +227,18 @@ impl SeedClient {
         })
     }
 
+    /// The generated client (shares the connection).
     pub fn client(&self) -> Client {
         self.client.clone()
     }
 
+    /// Chunk size of the source's region.
     pub fn chunk_size(&self) -> u64 {
         self.chunk
     }
 
+    /// Whether the seed was declared lost (its reads failed for longer
+    /// than the patience).
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
     }

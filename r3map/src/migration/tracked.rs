@@ -42,10 +42,12 @@ impl ChunkSet {
         self.count
     }
 
+    /// Whether no chunk is in the set.
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
 
+    /// Whether chunk `i` is in the set.
     pub fn contains(&self, i: u64) -> bool {
         i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
@@ -138,10 +140,12 @@ impl Tracked {
         }
     }
 
+    /// Chunk size the writes are recorded in.
     pub fn chunk_size(&self) -> u64 {
         self.chunk
     }
 
+    /// The backend underneath.
     pub fn inner(&self) -> &Arc<dyn Backend> {
         &self.inner
     }
@@ -154,10 +158,12 @@ impl Tracked {
         self.state.lock().unwrap().tracking = true;
     }
 
+    /// Whether writes are being recorded.
     pub fn is_tracking(&self) -> bool {
         self.state.lock().unwrap().tracking
     }
 
+    /// Whether finalize closed the region to writes.
     pub fn is_finalized(&self) -> bool {
         self.state.lock().unwrap().finalized.is_some()
     }

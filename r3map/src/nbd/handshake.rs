@@ -13,7 +13,9 @@ const MAX_OPTION_LEN: u32 = 8192;
 
 /// The outcome of a successful negotiation.
 pub struct Negotiated {
+    /// The export the client chose.
     pub export: Export,
+    /// Whether the client asked for structured replies.
     pub structured: bool,
 }
 

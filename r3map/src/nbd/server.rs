@@ -36,6 +36,7 @@ impl Server {
         Self::new(vec![export], Limits::default())
     }
 
+    /// A server of `exports`; the first also answers the empty name.
     pub fn new(exports: Vec<Export>, limits: Limits) -> Self {
         let default = exports.first().map(|e| e.name.clone());
         let exports = exports.into_iter().map(|e| (e.name.clone(), e)).collect();
@@ -292,7 +293,9 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
 /// A bound NBD listener: a unix socket (its file removed when the
 /// listener is dropped) or a loopback TCP port.
 pub enum NbdListener {
+    /// A unix socket and the file to remove.
     Unix(UnixListener, SocketFile),
+    /// A loopback TCP port.
     Tcp(TcpListener),
 }
 

@@ -7,9 +7,12 @@ use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 
 use super::{RegionService, Store, DEFAULT_MAX_REQUEST};
-use crate::auth::{check_listen, ServerAuth, ServerTls, Token};
+use crate::auth::{check_listen, ServerAuth, Token};
 use crate::backend::DEFAULT_CHUNK_SIZE;
+use crate::cli::ServerTlsArgs;
+use crate::net::{self, Keepalive};
 
+/// Flags of `r3map backend`.
 #[derive(clap::Args, Debug)]
 pub struct BackendArgs {
     /// Address to serve on, e.g. 127.0.0.1:7100. Other than loopback only
@@ -22,15 +25,9 @@ pub struct BackendArgs {
     /// Clients must send this token (file holding at least 16 characters)
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// TLS certificate chain (PEM)
-    #[arg(long, value_name = "PEM", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM)
-    #[arg(long, value_name = "PEM", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Clients must present a certificate signed by this CA (mutual TLS)
-    #[arg(long, value_name = "PEM", requires = "tls_cert")]
-    pub client_ca: Option<PathBuf>,
+    /// TLS of the service
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
     /// Largest read or write of one call, e.g. 32MiB
     #[arg(long, value_parser = crate::size::parse, default_value_t = DEFAULT_MAX_REQUEST)]
     pub max_request: u64,
@@ -39,30 +36,16 @@ pub struct BackendArgs {
     pub chunk_size: u64,
 }
 
+/// Runs `r3map backend` until SIGINT/SIGTERM, then flushes every region.
 pub async fn run(a: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     let token = a.token_file.as_deref().map(Token::from_file).transpose()?;
-    let tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(cert), Some(key)) => Some(ServerTls {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: a.client_ca.clone(),
-        }),
-        _ => None,
-    };
+    let tls = a.tls.get();
     // Refused before anything is opened or bound.
     check_listen(a.listen, token.as_ref(), tls.as_ref())?;
 
     let store = Store::open(&a.store).await?;
     let svc = RegionService::open(store, a.chunk_size, a.max_request).await?;
-    let mut builder = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(64 << 20)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    if let Some(t) = &tls {
-        builder = builder.tls_config(t.config()?)?;
-    }
+    let mut builder = net::server(tls.as_ref(), Keepalive::REGION)?;
     let listener = tokio::net::TcpListener::bind(a.listen).await?;
     let addr = listener.local_addr()?;
     println!(
@@ -91,10 +74,7 @@ pub async fn run(a: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
             signalled.notify_one();
         }
     };
-    let serve = router.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        stop,
-    );
+    let serve = net::Listener::Tcp(listener).serve(router, stop);
     tokio::pin!(serve);
     // Graceful shutdown waits for calls in flight; a stuck one must not
     // keep the regions from being flushed.

@@ -8,34 +8,49 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use async_trait::async_trait;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use super::pb::region_store_client::RegionStoreClient;
 use super::pb::*;
-use crate::auth::{AuthError, ClientAuth, ClientTls, Token};
+use crate::auth::{AuthError, ClientTls, Token};
 use crate::backend::{check_range, Backend, Error, Result};
+use crate::net::{self, Keepalive, NetError};
 
-pub type Grpc = RegionStoreClient<InterceptedService<Channel, ClientAuth>>;
+/// The generated region client over an authenticated channel.
+pub type Grpc = RegionStoreClient<net::AuthedChannel>;
 
+/// Why a client could not be set up, or a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// A bad address, URI or setting.
     #[error("{0}")]
     Config(String),
+    /// The token or TLS files could not be used.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// The server could not be reached (or the handshake failed).
     #[error("cannot connect to {to}: {source}")]
     Connect {
+        /// The address dialled.
         to: String,
+        /// What tonic reported.
         source: tonic::transport::Error,
     },
     /// Boxed: a Status is large, and this error is returned often.
     #[error("{}: {}", .0.code(), .0.message())]
     Status(Box<Status>),
+}
+
+impl From<NetError> for ClientError {
+    fn from(e: NetError) -> Self {
+        match e {
+            NetError::Config(m) => ClientError::Config(m),
+            NetError::Io(e) => ClientError::Config(e.to_string()),
+            NetError::Connect { to, source } => ClientError::Connect { to, source },
+        }
+    }
 }
 
 impl From<Status> for ClientError {
@@ -70,12 +85,14 @@ impl From<ClientError> for Error {
 pub struct ConnectOptions {
     /// HOST:PORT (an IPv6 host in brackets).
     pub addr: String,
+    /// File holding the bearer token, if the server wants one.
     pub token_file: Option<PathBuf>,
     /// TLS, needed for a host that is not loopback.
     pub tls: Option<ClientTls>,
 }
 
 impl ConnectOptions {
+    /// No token, no TLS: for a loopback server.
     pub fn plain(addr: impl Into<String>) -> Self {
         ConnectOptions {
             addr: addr.into(),
@@ -85,17 +102,9 @@ impl ConnectOptions {
 
     /// The host part of `addr`, without IPv6 brackets.
     fn host(&self) -> Result<&str, ClientError> {
-        let (host, port) = self
-            .addr
-            .rsplit_once(':')
-            .ok_or_else(|| ClientError::Config(format!("{:?} is not HOST:PORT", self.addr)))?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(ClientError::Config(format!(
-                "{:?} is not HOST:PORT",
-                self.addr
-            )));
-        }
-        Ok(host.trim_start_matches('[').trim_end_matches(']'))
+        net::host_port(&self.addr)
+            .map(|(host, _)| host)
+            .ok_or_else(|| ClientError::Config(format!("{:?} is not HOST:PORT", self.addr)))
     }
 }
 
@@ -106,7 +115,9 @@ fn is_loopback(host: &str) -> bool {
 /// A parsed `r3map://HOST:PORT/REGION?...` URI.
 #[derive(Debug, Clone)]
 pub struct RemoteUri {
+    /// How to reach the server.
     pub opts: ConnectOptions,
+    /// The region's id.
     pub region: String,
     /// `epoch=N`: write with fencing epoch N (a writer that holds it).
     pub epoch: Option<u64>,
@@ -214,31 +225,14 @@ impl Client {
             .as_deref()
             .map(Token::from_file)
             .transpose()?;
-        let scheme = if opts.tls.is_some() { "https" } else { "http" };
-        // Large windows keep a streamed read moving without waiting for
-        // window updates; keepalives notice a server that vanished.
-        let mut ep = Endpoint::from_shared(format!("{scheme}://{}", opts.addr))
-            .map_err(|e| ClientError::Config(format!("{}: {e}", opts.addr)))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(64 << 20);
-        if let Some(tls) = &opts.tls {
-            ep = ep
-                .tls_config(tls.config(host)?)
-                .map_err(|source| ClientError::Connect {
-                    to: opts.addr.clone(),
-                    source,
-                })?;
-        }
-        let ch = ep.connect().await.map_err(|source| ClientError::Connect {
-            to: opts.addr.clone(),
-            source,
-        })?;
-        let mut grpc = RegionStoreClient::with_interceptor(ch, ClientAuth::new(token.as_ref()))
-            .max_decoding_message_size(64 << 20);
+        let ch = net::connect(
+            &net::Endpoint::Tcp(opts.addr.clone()),
+            token.as_ref(),
+            opts.tls.as_ref(),
+            Keepalive::REGION,
+        )
+        .await?;
+        let mut grpc = RegionStoreClient::new(ch).max_decoding_message_size(64 << 20);
         let limits = grpc.get_limits(GetLimitsRequest {}).await?.into_inner();
         if limits.max_request == 0 {
             return Err(ClientError::Config("server reports max_request 0".into()));
@@ -246,6 +240,7 @@ impl Client {
         Ok(Client { grpc, limits })
     }
 
+    /// The server's limits, asked for at connect.
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -255,6 +250,7 @@ impl Client {
         self.grpc.clone()
     }
 
+    /// Creates a region of `size` bytes, with `id` or one the server picks.
     pub async fn create_region(&self, id: Option<&str>, size: u64) -> Result<Region, Status> {
         let req = CreateRegionRequest {
             size,
@@ -263,16 +259,19 @@ impl Client {
         Ok(self.grpc().create_region(req).await?.into_inner())
     }
 
+    /// The region `id` (size, epoch, owner).
     pub async fn get_region(&self, id: &str) -> Result<Region, Status> {
         let req = GetRegionRequest { id: id.into() };
         Ok(self.grpc().get_region(req).await?.into_inner())
     }
 
+    /// Every region of the server.
     pub async fn list_regions(&self) -> Result<Vec<Region>, Status> {
         let r = self.grpc().list_regions(ListRegionsRequest {}).await?;
         Ok(r.into_inner().regions)
     }
 
+    /// Sets the size of region `id`.
     pub async fn resize_region(&self, id: &str, size: u64) -> Result<Region, Status> {
         let req = ResizeRegionRequest {
             id: id.into(),
@@ -291,6 +290,7 @@ impl Client {
         Ok(self.grpc().fence(req).await?.into_inner())
     }
 
+    /// Deletes region `id` and its data.
     pub async fn delete_region(&self, id: &str) -> Result<(), Status> {
         let req = DeleteRegionRequest { id: id.into() };
         self.grpc().delete_region(req).await?;
@@ -324,6 +324,17 @@ pub struct RemoteBackend {
 }
 
 impl RemoteBackend {
+    /// A checked range of this region, for the calls that take one.
+    fn range(&self, offset: u64, len: u64) -> Result<RangeRequest> {
+        check_range(offset, len, self.size)?;
+        Ok(RangeRequest {
+            region: self.region.clone(),
+            offset,
+            length: len,
+            epoch: self.epoch.load(Ordering::SeqCst),
+        })
+    }
+
     /// Opens the region named by an `r3map://` URI, creating it with `size`
     /// bytes if it does not exist. A region of another size is refused;
     /// `size` 0 takes the region as it is.
@@ -351,6 +362,7 @@ impl RemoteBackend {
         Ok(b)
     }
 
+    /// The region's id.
     pub fn region(&self) -> &str {
         &self.region
     }
@@ -455,25 +467,13 @@ impl Backend for RemoteBackend {
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(offset, len, self.size)?;
-        let req = RangeRequest {
-            region: self.region.clone(),
-            offset,
-            length: len,
-            epoch: self.epoch.load(Ordering::SeqCst),
-        };
+        let req = self.range(offset, len)?;
         self.grpc.clone().trim(req).await.map_err(status_error)?;
         Ok(())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(offset, len, self.size)?;
-        let req = RangeRequest {
-            region: self.region.clone(),
-            offset,
-            length: len,
-            epoch: self.epoch.load(Ordering::SeqCst),
-        };
+        let req = self.range(offset, len)?;
         self.grpc
             .clone()
             .write_zeroes(req)

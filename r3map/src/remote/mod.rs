@@ -9,7 +9,8 @@ pub mod client;
 pub mod service;
 pub mod store;
 
-/// Generated from proto/remote.proto.
+/// Generated from proto/remote.proto (documented there).
+#[allow(missing_docs)]
 pub mod pb {
     tonic::include_proto!("r3map.remote.v1");
 }

@@ -63,6 +63,8 @@ type Slot = Arc<RwLock<Option<Open>>>;
 /// An open region held shared.
 type RegionGuard = OwnedRwLockReadGuard<Option<Open>, Open>;
 
+/// The `RegionStore` gRPC service of `r3map backend`: the regions of one
+/// [`Store`], each opened once and shared by every call.
 pub struct RegionService {
     store: Store,
     chunk: u64,
@@ -102,10 +104,12 @@ impl RegionService {
         RegionStoreServer::new(Handle(self.clone())).max_decoding_message_size(limit)
     }
 
+    /// Number of regions.
     pub fn len(&self) -> usize {
         self.regions.read().unwrap().len()
     }
 
+    /// Whether there are no regions.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use redis::aio::MultiplexedConnection;
 
 use crate::backend::s3::{self, s3_error};
-use crate::backend::{dir, memory, redis as redis_backend, uri, Backend, Error, Result};
+use crate::backend::{dir, memory, redis as redis_backend, Backend, Error, Result};
 use object_store::path::Path as ObjPath;
 
 /// Name of the metadata file in a region's directory.
@@ -53,11 +53,17 @@ impl RegionMeta {
 
 /// A store of regions; see the module docs.
 pub enum Store {
+    /// `memory:`: regions in RAM, gone with the process.
     Memory,
+    /// `dir:PATH`: a directory a region.
     Dir(PathBuf),
+    /// `redis://...`: keys under a prefix.
     Redis {
+        /// The redis URL, without our `prefix` parameter.
         url: String,
+        /// The key prefix of the store.
         prefix: String,
+        /// A connection shared by every region.
         conn: MultiplexedConnection,
     },
     /// Region `ID` is the prefix `PREFIX/regions/ID/` of an S3 bucket (one
@@ -65,7 +71,9 @@ pub enum Store {
     /// `PREFIX/regions/ID/r3map-region` (PUT last on create, deleted first
     /// on delete; an object PUT replaces the old one atomically).
     S3 {
+        /// Bucket, prefix, endpoint and credentials.
         cfg: s3::S3Config,
+        /// The client, shared by every region.
         store: Arc<dyn object_store::ObjectStore>,
     },
 }
@@ -89,7 +97,7 @@ impl Store {
             return Ok(Store::Dir(PathBuf::from(path)));
         }
         if uri.starts_with("redis://") {
-            let (url, prefix) = uri::split_prefix(uri)?;
+            let (url, prefix) = redis_backend::split_prefix(uri)?;
             let conn = redis::Client::open(url.as_str())?
                 .get_multiplexed_async_connection()
                 .await?;

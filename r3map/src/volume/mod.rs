@@ -18,7 +18,7 @@ mod stats;
 use std::sync::Arc;
 
 pub use kernel::KernelConn;
-pub use spec::{open_backend, BackendSpec, Mode, VolumeSpec};
+pub use spec::{BackendSpec, Mode, VolumeSpec};
 pub use stats::VolumeStats;
 
 use crate::backend::Backend;
@@ -54,7 +54,7 @@ impl Volume {
             read_only,
         } = spec;
         let backend = match backend {
-            BackendSpec::Uri(uri) => spec::open_backend(&uri, size, chunk_size).await?,
+            BackendSpec::Uri(uri) => crate::uri::open_backend(&uri, size, chunk_size).await?,
             BackendSpec::Open(b) => {
                 if b.size() != size {
                     return Err(Error::InvalidArgument(format!(

@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::backend::{self, Backend, DEFAULT_CHUNK_SIZE};
+use crate::backend::{Backend, DEFAULT_CHUNK_SIZE};
 use crate::managed::Options;
 use crate::{Error, Result};
 
 /// Where a volume's bytes live.
 #[derive(Clone)]
 pub enum BackendSpec {
-    /// Any URI [`crate::backend::open`] takes: `memory:`, `file:PATH`,
+    /// Any URI [`crate::uri::open`] takes: `memory:`, `file:PATH`,
     /// `dir:PATH`, `redis://...`, `r3map://HOST:PORT/REGION` (a region
     /// created with the volume's size if it does not exist).
     Uri(String),
@@ -121,18 +121,4 @@ impl VolumeSpec {
         }
         Ok(())
     }
-}
-
-/// [`backend::open`] without blocking a runtime thread: `file:` and `dir:`
-/// open files and walk directories synchronously, so they are opened on a
-/// blocking thread; network backends are async already.
-pub async fn open_backend(uri: &str, size: u64, chunk: u64) -> Result<Arc<dyn Backend>> {
-    if uri.starts_with("file:") || uri.starts_with("dir:") {
-        let (uri, rt) = (uri.to_string(), tokio::runtime::Handle::current());
-        // block_on on a blocking thread is allowed (it is not a worker).
-        return tokio::task::spawn_blocking(move || rt.block_on(backend::open(&uri, size, chunk)))
-            .await
-            .map_err(|e| Error::io(format!("opening the backend: {e}")))?;
-    }
-    backend::open(uri, size, chunk).await
 }

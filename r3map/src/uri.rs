@@ -1,10 +1,16 @@
 //! Backend URIs: `memory:`, `file:PATH`, `dir:PATH`, `redis://HOST:PORT/DB?prefix=NAME`,
+//! `s3://BUCKET/PREFIX?...`,
 //! `r3map://HOST:PORT/REGION?...` (a region of `r3map backend`, see [`crate::remote`]).
+//!
+//! This sits above both [`crate::backend`] and [`crate::remote`]: the
+//! backends know nothing of each other, and only the dispatch by scheme
+//! needs them all.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{dir, file, memory, redis, Backend, Error, Result};
+use crate::backend::{dir, file, memory, redis, Backend};
+use crate::{Error, Result};
 
 fn invalid(uri: &str, reason: impl Into<String>) -> Error {
     Error::InvalidUri {
@@ -48,14 +54,16 @@ pub async fn open(uri: &str, size: u64, chunk: u64) -> Result<Arc<dyn Backend>> 
         )?));
     }
     if uri.starts_with("redis://") {
-        let (url, prefix) = split_prefix(uri)?;
+        let (url, prefix) = redis::split_prefix(uri)?;
         return Ok(Arc::new(
             redis::Redis::connect(&url, &prefix, size, chunk).await?,
         ));
     }
     if uri.starts_with("s3://") {
-        let cfg = super::s3::S3Config::parse(uri)?;
-        return Ok(Arc::new(super::s3::S3::open(&cfg, size, chunk).await?));
+        let cfg = crate::backend::s3::S3Config::parse(uri)?;
+        return Ok(Arc::new(
+            crate::backend::s3::S3::open(&cfg, size, chunk).await?,
+        ));
     }
     if uri.starts_with("r3map://") {
         return Ok(Arc::new(
@@ -68,44 +76,23 @@ pub async fn open(uri: &str, size: u64, chunk: u64) -> Result<Arc<dyn Backend>> 
     ))
 }
 
-/// Takes our `prefix=` query parameter out of a redis URL; the rest goes
-/// to the redis client unchanged.
-pub(crate) fn split_prefix(uri: &str) -> Result<(String, String)> {
-    let Some((base, query)) = uri.split_once('?') else {
-        return Ok((uri.to_string(), "r3map".to_string()));
-    };
-    let mut prefix = None;
-    let mut rest = Vec::new();
-    for kv in query.split('&').filter(|s| !s.is_empty()) {
-        match kv.split_once('=') {
-            Some(("prefix", v)) if !v.is_empty() => prefix = Some(v.to_string()),
-            Some(("prefix", _)) => return Err(invalid(uri, "prefix must not be empty")),
-            _ => rest.push(kv),
-        }
+/// [`open`] without blocking a runtime thread: `file:` and `dir:`
+/// open files and walk directories synchronously, so they are opened on a
+/// blocking thread; network backends are async already.
+pub async fn open_backend(uri: &str, size: u64, chunk: u64) -> Result<Arc<dyn Backend>> {
+    if uri.starts_with("file:") || uri.starts_with("dir:") {
+        let (uri, rt) = (uri.to_string(), tokio::runtime::Handle::current());
+        // block_on on a blocking thread is allowed (it is not a worker).
+        return tokio::task::spawn_blocking(move || rt.block_on(open(&uri, size, chunk)))
+            .await
+            .map_err(|e| Error::io(format!("opening the backend: {e}")))?;
     }
-    let url = if rest.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{}", rest.join("&"))
-    };
-    Ok((url, prefix.unwrap_or_else(|| "r3map".to_string())))
+    open(uri, size, chunk).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redis_prefix_is_taken_out() {
-        let (u, p) = split_prefix("redis://127.0.0.1:6379/2?prefix=vol1").unwrap();
-        assert_eq!(
-            (u.as_str(), p.as_str()),
-            ("redis://127.0.0.1:6379/2", "vol1")
-        );
-        let (u, p) = split_prefix("redis://h:1/0").unwrap();
-        assert_eq!((u.as_str(), p.as_str()), ("redis://h:1/0", "r3map"));
-        assert!(split_prefix("redis://h:1/0?prefix=").is_err());
-    }
 
     #[tokio::test]
     async fn unknown_scheme_is_refused() {

@@ -1,8 +1,12 @@
-//! Where the migration services listen and how clients reach them: a unix
-//! socket path or HOST:PORT, with a bearer token and/or (mutual) TLS, the
-//! same `crate::auth` helpers as the remote region service. A TCP listener
+//! gRPC transport shared by the remote region service ([`crate::remote`])
+//! and the migration services ([`crate::migration`]): where a service
+//! listens and how clients reach it (a unix socket path or HOST:PORT), with
+//! a bearer token and/or (mutual) TLS from [`crate::auth`]. A TCP listener
 //! on a non-loopback address is refused unless clients must authenticate
 //! (a token or a client CA).
+//!
+//! One builder for channels and one for servers, so both services get the
+//! same HTTP/2 windows; only their keepalives differ ([`Keepalive`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,23 +18,76 @@ use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 pub use crate::auth::{ClientAuth, ClientTls, ServerAuth, ServerTls, Token};
 
+/// Why a listener or a channel could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// A bad address, token, certificate or TLS setting.
     #[error("{0}")]
     Config(String),
+    /// Binding or setting up a socket failed.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The peer could not be reached (or the handshake failed).
     #[error("cannot connect to {to}: {source}")]
     Connect {
+        /// The endpoint dialled.
         to: String,
+        /// What tonic reported.
         source: tonic::transport::Error,
     },
+}
+
+/// HTTP/2 keepalive of one kind of service, the same on its clients and
+/// its servers: how soon a peer that vanished without closing is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Interval between pings.
+    pub interval: Duration,
+    /// How long a ping may go unanswered before the connection is dropped.
+    pub timeout: Duration,
+    /// Whether clients ping a connection with no call in flight too.
+    pub while_idle: bool,
+}
+
+impl Keepalive {
+    /// `r3map backend` regions: calls are short and frequent, so a dead
+    /// server shows up as a failing call soon enough.
+    pub const REGION: Keepalive = Keepalive {
+        interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(10),
+        while_idle: false,
+    };
+    /// Migration: a leech waits on long streams and must notice a lost
+    /// seed quickly, idle or not.
+    pub const MIGRATION: Keepalive = Keepalive {
+        interval: Duration::from_secs(2),
+        timeout: Duration::from_secs(5),
+        while_idle: true,
+    };
+}
+
+/// Large HTTP/2 windows keep a streamed read moving across a round-trip
+/// time without waiting for window updates.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
+
+/// Splits `HOST:PORT` (an IPv6 host in brackets) into the host, without
+/// brackets, and the port; `None` when it is not of that form.
+pub fn host_port(s: &str) -> Option<(&str, u16)> {
+    let (h, p) = s.rsplit_once(':')?;
+    let port = p.parse::<u16>().ok()?;
+    if h.is_empty() {
+        return None;
+    }
+    Some((h.trim_start_matches('[').trim_end_matches(']'), port))
 }
 
 /// A unix socket path (anything containing a `/`) or HOST:PORT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
+    /// A unix socket at this path.
     Unix(PathBuf),
+    /// HOST:PORT, resolved when dialled or bound.
     Tcp(String),
 }
 
@@ -40,11 +97,9 @@ impl FromStr for Endpoint {
         if s.contains('/') {
             return Ok(Endpoint::Unix(PathBuf::from(s)));
         }
-        match s.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
-                Ok(Endpoint::Tcp(s.to_string()))
-            }
-            _ => Err(format!(
+        match host_port(s) {
+            Some(_) => Ok(Endpoint::Tcp(s.to_string())),
+            None => Err(format!(
                 "{s:?} is neither HOST:PORT nor a unix socket path (a path needs a '/')"
             )),
         }
@@ -67,6 +122,7 @@ pub fn token(path: Option<&Path>) -> Result<Option<Token>, NetError> {
         .map_err(|e| NetError::Config(e.to_string()))
 }
 
+/// A channel that sends the bearer token (if any) with every call.
 pub type AuthedChannel = InterceptedService<Channel, ClientAuth>;
 
 /// The host part of an endpoint, which the server's certificate must name
@@ -74,21 +130,18 @@ pub type AuthedChannel = InterceptedService<Channel, ClientAuth>;
 /// "localhost" stands in.
 fn tls_host(ep: &Endpoint) -> &str {
     match ep {
-        Endpoint::Tcp(a) => {
-            let h = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
-            h.trim_start_matches('[').trim_end_matches(']')
-        }
+        Endpoint::Tcp(a) => host_port(a).map_or(a.as_str(), |(h, _)| h),
         Endpoint::Unix(_) => "localhost",
     }
 }
 
-/// Opens a channel to `ep`, over TLS when `tls` is given. Large HTTP/2
-/// windows keep chunk streams moving across a round-trip time; keepalives
-/// notice a peer that vanished without closing its connection.
+/// Opens a channel to `ep`, over TLS when `tls` is given, sending `token`
+/// with every call.
 pub async fn connect(
     ep: &Endpoint,
     token: Option<&Token>,
     tls: Option<&ClientTls>,
+    keepalive: Keepalive,
 ) -> Result<AuthedChannel, NetError> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let uri = match ep {
@@ -101,11 +154,11 @@ pub async fn connect(
         .map_err(|e| NetError::Config(format!("{ep}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(64 << 20);
+        .http2_keep_alive_interval(keepalive.interval)
+        .keep_alive_timeout(keepalive.timeout)
+        .keep_alive_while_idle(keepalive.while_idle)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     if let Some(t) = tls {
         let c = t
             .config(tls_host(ep))
@@ -139,7 +192,9 @@ pub async fn connect(
 
 /// A bound listener for a gRPC server.
 pub enum Listener {
+    /// A TCP listener.
     Tcp(tokio::net::TcpListener),
+    /// A unix socket listener; its file is removed when this is dropped.
     Unix(tokio::net::UnixListener, crate::nbd::server::SocketFile),
 }
 
@@ -204,12 +259,15 @@ impl Listener {
 /// A server builder with windows matching the client's, serving TLS when
 /// `tls` is given (with a client CA: only clients holding a certificate
 /// it signed complete the handshake).
-pub fn server(tls: Option<&ServerTls>) -> Result<tonic::transport::Server, NetError> {
+pub fn server(
+    tls: Option<&ServerTls>,
+    keepalive: Keepalive,
+) -> Result<tonic::transport::Server, NetError> {
     let s = tonic::transport::Server::builder()
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(64 << 20)
-        .http2_keepalive_interval(Some(Duration::from_secs(2)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keepalive_interval(Some(keepalive.interval))
+        .http2_keepalive_timeout(Some(keepalive.timeout))
         .tcp_nodelay(true);
     match tls {
         None => Ok(s),
@@ -241,6 +299,15 @@ mod tests {
         );
         assert!("x.sock".parse::<Endpoint>().is_err());
         assert!("host:notaport".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(host_port("h:1"), Some(("h", 1)));
+        assert_eq!(host_port("[::1]:7000"), Some(("::1", 7000)));
+        assert_eq!(host_port(":1"), None);
+        assert_eq!(host_port("h:x"), None);
+        assert_eq!(host_port("h"), None);
     }
 
     #[test]
