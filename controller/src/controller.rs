@@ -1,12 +1,15 @@
 //! The Controller service: volumes are regions of the region service; the
-//! records of names, sizes, parameters and published nodes live in the
-//! state file ([`crate::state`]).
+//! records of names, sizes, parameters and published nodes live in a
+//! [`Records`] store (the state file, or R3mapVolume objects).
+//!
+//! With leader election on, only the leader changes anything: a replica
+//! that does not lead answers every mutating call with UNAVAILABLE, which
+//! the sidecars retry.
 //!
 //! Node ids cannot be checked against the cluster without Kubernetes:
 //! only their syntax is validated.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +20,12 @@ use csi::pb::*;
 use csi::trace::traced;
 use csi::validate;
 use csi::{Credentials, CsiError, CsiResult, InFlight, Params};
-use tokio::sync::Mutex;
 use tonic::{Code, Request, Response, Status};
 
+use crate::leader::Leader;
+use crate::records::Records;
 use crate::region::{region_id, Regions, ID_PREFIX};
-use crate::state::{State, StateFile, VolumeRecord};
+use crate::state::VolumeRecord;
 
 /// Size of a volume whose request names none.
 pub const DEFAULT_SIZE: u64 = 1 << 30;
@@ -31,8 +35,8 @@ pub const CTX_REGION: &str = "regionId";
 
 /// The Controller service.
 pub struct ControllerService {
-    file: StateFile,
-    state: Mutex<State>,
+    records: Arc<dyn Records>,
+    leader: Option<Leader>,
     regions: Arc<Regions>,
     inflight: InFlight,
     max_size: u64,
@@ -51,19 +55,19 @@ fn i64_of(n: u64) -> i64 {
 }
 
 impl ControllerService {
-    /// Loads the state under `state_dir`. `hold` keeps each mutating
-    /// call's guard that much longer (tests of concurrent calls only).
+    /// A service over `records`; with `leader`, mutating calls are served
+    /// only while it leads. `hold` keeps each mutating call's guard that
+    /// much longer (tests of concurrent calls only).
     pub fn new(
-        state_dir: &Path,
+        records: Arc<dyn Records>,
+        leader: Option<Leader>,
         regions: Arc<Regions>,
         max_size: u64,
         hold: Duration,
     ) -> CsiResult<ControllerService> {
-        let file = StateFile::open(state_dir)?;
-        let state = file.load()?;
         Ok(ControllerService {
-            file,
-            state: Mutex::new(state),
+            records,
+            leader,
             regions,
             inflight: InFlight::new(),
             max_size,
@@ -77,24 +81,24 @@ impl ControllerService {
         }
     }
 
-    /// Applies `f` to a copy of the state and saves it; the in-memory state
-    /// changes only when the file did.
-    async fn update<F: FnOnce(&mut State)>(&self, f: F) -> CsiResult<()> {
-        let mut st = self.state.lock().await;
-        let mut next = st.clone();
-        f(&mut next);
-        self.file.save(&next)?;
-        *st = next;
-        Ok(())
+    /// Refuses a mutating call on a replica that does not lead.
+    fn must_lead(&self) -> CsiResult<()> {
+        match &self.leader {
+            Some(l) if !l.is_leader() => Err(CsiError::Unavailable(format!(
+                "{} is not the leading controller replica",
+                l.identity()
+            ))),
+            _ => Ok(()),
+        }
     }
 
-    async fn record(&self, id: &str) -> Option<VolumeRecord> {
-        self.state.lock().await.volumes.get(id).cloned()
+    async fn record(&self, id: &str) -> CsiResult<Option<VolumeRecord>> {
+        self.records.get(id).await
     }
 
     async fn need_record(&self, id: &str) -> CsiResult<VolumeRecord> {
         self.record(id)
-            .await
+            .await?
             .ok_or_else(|| CsiError::NotFound(format!("volume {id:?} does not exist")))
     }
 
@@ -171,9 +175,10 @@ impl ControllerService {
         let creds = Credentials::from_secrets(&r.secrets)?;
         let ctx = params.to_context();
         let id = region_id(&r.name);
+        self.must_lead()?;
         let _g = self.inflight.try_lock(&id)?;
         self.hold().await;
-        if let Some(rec) = self.record(&id).await {
+        if let Some(rec) = self.record(&id).await? {
             if rec.name != r.name {
                 return Err(CsiError::Internal(format!(
                     "region id {id} of {:?} is recorded for {:?}",
@@ -209,11 +214,19 @@ impl ControllerService {
             size: region.size,
             params: ctx,
             published: BTreeMap::new(),
+            access_mode: r
+                .volume_capabilities
+                .first()
+                .and_then(capabilities::mode)
+                .map(|m| m.as_str_name().to_string()),
         };
-        self.update(|st| {
-            st.volumes.insert(id.clone(), rec.clone());
-        })
-        .await?;
+        // Kept when a record appeared meanwhile (another replica that led
+        // before): the region is the same, so is the record.
+        self.records
+            .update(&id, &|cur| {
+                Some(cur.cloned().unwrap_or_else(|| rec.clone()))
+            })
+            .await?;
         tracing::info!(volume = %id, size, "created");
         Ok(CreateVolumeResponse {
             volume: Some(Self::volume(&id, &rec)),
@@ -224,9 +237,10 @@ impl ControllerService {
         validate::volume_id(&r.volume_id)?;
         let creds = Credentials::from_secrets(&r.secrets)?;
         let id = r.volume_id;
+        self.must_lead()?;
         let _g = self.inflight.try_lock(&id)?;
         self.hold().await;
-        let rec = self.record(&id).await;
+        let rec = self.record(&id).await?;
         if let Some(rec) = &rec {
             if !rec.published.is_empty() {
                 return Err(CsiError::FailedPrecondition(format!(
@@ -246,10 +260,7 @@ impl ControllerService {
             }
         }
         if rec.is_some() {
-            self.update(|st| {
-                st.volumes.remove(&id);
-            })
-            .await?;
+            self.records.update(&id, &|_| None).await?;
             tracing::info!(volume = %id, "deleted");
         }
         Ok(DeleteVolumeResponse {})
@@ -268,6 +279,7 @@ impl ControllerService {
         capabilities::check_one(cap).map_err(CsiError::InvalidArgument)?;
         let mode = capabilities::mode(cap).unwrap_or(Mode::Unknown);
         let id = r.volume_id;
+        self.must_lead()?;
         let _g = self.inflight.try_lock(&id)?;
         self.hold().await;
         let rec = self.need_record(&id).await?;
@@ -288,12 +300,14 @@ impl ControllerService {
                     )));
                 }
                 let (node, ro) = (r.node_id.clone(), r.readonly);
-                self.update(|st| {
-                    if let Some(v) = st.volumes.get_mut(&id) {
-                        v.published.insert(node, ro);
-                    }
-                })
-                .await?;
+                self.records
+                    .update(&id, &|cur| {
+                        cur.cloned().map(|mut v| {
+                            v.published.insert(node.clone(), ro);
+                            v
+                        })
+                    })
+                    .await?;
                 tracing::info!(volume = %id, node = %r.node_id, "published");
             }
         }
@@ -311,6 +325,7 @@ impl ControllerService {
             validate::node_id(&r.node_id)?;
         }
         let id = r.volume_id;
+        self.must_lead()?;
         let _g = self.inflight.try_lock(&id)?;
         self.hold().await;
         let rec = self.need_record(&id).await?;
@@ -321,16 +336,18 @@ impl ControllerService {
         };
         if gone {
             let node = r.node_id.clone();
-            self.update(|st| {
-                if let Some(v) = st.volumes.get_mut(&id) {
-                    if node.is_empty() {
-                        v.published.clear();
-                    } else {
-                        v.published.remove(&node);
-                    }
-                }
-            })
-            .await?;
+            self.records
+                .update(&id, &|cur| {
+                    cur.cloned().map(|mut v| {
+                        if node.is_empty() {
+                            v.published.clear();
+                        } else {
+                            v.published.remove(&node);
+                        }
+                        v
+                    })
+                })
+                .await?;
             tracing::info!(volume = %id, node = %r.node_id, "unpublished");
         }
         Ok(ControllerUnpublishVolumeResponse {})
@@ -407,14 +424,7 @@ impl ControllerService {
                 r.max_entries
             )));
         }
-        let all: Vec<(String, VolumeRecord)> = self
-            .state
-            .lock()
-            .await
-            .volumes
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let all: Vec<(String, VolumeRecord)> = self.records.list().await?.into_iter().collect();
         // The token is the id of the first volume of the next page: ids are
         // sorted, so a page still starts in the right place when volumes
         // were deleted or added meanwhile.
@@ -487,6 +497,7 @@ impl ControllerService {
         }
         let creds = Credentials::from_secrets(&r.secrets)?;
         let id = r.volume_id.clone();
+        self.must_lead()?;
         let _g = self.inflight.try_lock(&id)?;
         self.hold().await;
         let rec = self.need_record(&id).await?;
@@ -507,15 +518,18 @@ impl ControllerService {
                 .resize_region(&id, size)
                 .await
                 .map_err(|s| CsiError::from(s).context(&id))?;
-            self.update(|st| {
-                if let Some(v) = st.volumes.get_mut(&id) {
-                    v.size = reg.size;
-                }
-            })
-            .await?;
+            let new = reg.size;
+            self.records
+                .update(&id, &|cur| {
+                    cur.cloned().map(|mut v| {
+                        v.size = v.size.max(new);
+                        v
+                    })
+                })
+                .await?;
             tracing::info!(volume = %id, from = rec.size, to = reg.size, "expanded");
         }
-        let now = self.record(&id).await.map_or(size, |v| v.size);
+        let now = self.record(&id).await?.map_or(size, |v| v.size);
         Ok(ControllerExpandVolumeResponse {
             capacity_bytes: i64_of(now.max(rec.size)),
             node_expansion_required: true,

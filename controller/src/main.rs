@@ -2,19 +2,27 @@
 //! provisions volumes as regions of an `r3map backend` region service and
 //! records which nodes hold them.
 
-mod controller;
-mod identity;
-mod region;
-mod state;
-
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use csi::pb::controller_server::ControllerServer;
 use csi::pb::identity_server::IdentityServer;
 use r3map::auth::ClientTls;
 use r3map::remote::client::ConnectOptions;
+use r3map_csi_controller::leader::{Leader, LeaderConfig};
+use r3map_csi_controller::records::{FileRecords, KubeOptions, KubeRecords, Records};
+use r3map_csi_controller::{controller, identity, region};
+
+/// Where the controller keeps its volume records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RecordStore {
+    /// The state file under --state-dir (one host).
+    File,
+    /// R3mapVolume objects in the cluster (in-cluster config).
+    Kubernetes,
+}
 
 /// Command line.
 #[derive(Parser, Debug)]
@@ -44,9 +52,24 @@ struct Args {
     /// Name the region service's certificate carries, when not the host
     #[arg(long, requires = "ca")]
     tls_name: Option<String>,
-    /// Directory of the controller's state file
+    /// Directory of the controller's state file and region credentials
     #[arg(long)]
     state_dir: PathBuf,
+    /// Where the volume records live
+    #[arg(long, value_enum, default_value = "file")]
+    records: RecordStore,
+    /// Serve mutating calls only while holding a coordination.k8s.io Lease
+    #[arg(long)]
+    leader_election: bool,
+    /// Namespace of the Lease and of the Events
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Name of the Lease
+    #[arg(long, default_value = "r3map-csi-controller")]
+    leader_election_lease_name: String,
+    /// This replica's identity in the election (unique: the pod name)
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
     /// Largest volume, e.g. 1TiB
     #[arg(long, value_parser = r3map::size::parse, default_value = "16TiB")]
     max_volume_size: u64,
@@ -77,8 +100,42 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }),
     };
     let regions = region::Regions::new(opts, a.state_dir.join("credentials"));
+    let needs_kube = a.records == RecordStore::Kubernetes || a.leader_election;
+    let client = if needs_kube {
+        // In-cluster configuration: the service account token and CA the
+        // kubelet mounts, and KUBERNETES_SERVICE_HOST/PORT.
+        Some(kube::Client::try_default().await?)
+    } else {
+        None
+    };
+    let identity = a.identity.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "r3map-csi-controller".into())
+    });
+    let records: Arc<dyn Records> = match (a.records, &client) {
+        (RecordStore::Kubernetes, Some(c)) => {
+            let mut o = KubeOptions::new(&a.region_service);
+            o.events_namespace = a.namespace.clone();
+            o.instance = identity.clone();
+            Arc::new(KubeRecords::new(c.clone(), o))
+        }
+        _ => Arc::new(FileRecords::open(&a.state_dir)?),
+    };
+    let leader = match (&client, a.leader_election) {
+        (Some(c), true) => {
+            let l = Leader::new(
+                c.clone(),
+                LeaderConfig::new(&a.namespace, &a.leader_election_lease_name, &identity),
+            );
+            l.spawn();
+            Some(l)
+        }
+        _ => None,
+    };
     let ctl = controller::ControllerService::new(
-        &a.state_dir,
+        records,
+        leader.clone(),
         regions.clone(),
         a.max_volume_size,
         Duration::from_millis(a.test_hold_ms),
@@ -100,5 +157,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!("signalled; stopping");
     };
     csi::endpoint::serve(router, &a.endpoint, stop).await?;
+    if let Some(l) = leader {
+        // Hand over at once instead of after the lease duration.
+        if let Err(e) = l.release().await {
+            tracing::warn!("releasing the lease: {e}");
+        }
+    }
     Ok(())
 }

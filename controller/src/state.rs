@@ -5,8 +5,9 @@
 //! the directory): after a crash the file is the old or the new state,
 //! never a torn one.
 //!
-//! A Kubernetes custom resource (a later issue) replaces this file, so
-//! that a controller rescheduled to another node keeps its records.
+//! In a cluster the `R3mapVolume` custom resource replaces this file
+//! (`--records kubernetes`, [`crate::records::KubeRecords`]), so that a
+//! controller rescheduled to another node keeps its records.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -31,6 +32,9 @@ pub struct VolumeRecord {
     /// Node id -> published read-only.
     #[serde(default)]
     pub published: BTreeMap<String, bool>,
+    /// CSI access mode it was created for (absent in older files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_mode: Option<String>,
 }
 
 /// Every record, by volume id (= region id).
@@ -113,6 +117,7 @@ mod tests {
                 size: 1 << 20,
                 params: BTreeMap::from([("chunkSize".into(), "1048576".into())]),
                 published: BTreeMap::from([("node1".into(), false)]),
+                access_mode: None,
             },
         );
         f.save(&st).unwrap();
