@@ -4,7 +4,11 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use csi::CsiError;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -12,7 +16,10 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use r3map::volume::{KernelConn, Volume};
 
 use crate::device::sysfs::NbdSysfs;
-use crate::device::{ConnectConfig, Error as NlError, NbdNetlink, ReconfigureConfig};
+use crate::device::{
+    ConnectConfig, Error as NlError, NbdNetlink, ReconfigureConfig, NODE_DEAD_CONN_TIMEOUT,
+    NODE_IO_TIMEOUT,
+};
 
 /// A netlink failure as a CSI error: a kernel without nbd.ko is a node
 /// that cannot attach anything (FAILED_PRECONDITION, saying what to load);
@@ -183,6 +190,102 @@ pub async fn flush_device(index: u32, timeout: Duration) -> Result<(), CsiError>
             "flushing nbd{index} took longer than {timeout:?}"
         ))),
     }
+}
+
+/// Keeps a device's connections served: when one ends while the volume is
+/// attached (the kernel marked it dead, e.g. its I/O timeout fired on a
+/// slow request, and shut it down), it makes a new socketpair and
+/// RECONFIGUREs the device with it, retrying every second. Cancelling
+/// `stop` ends the replacing (teardown, before DISCONNECT); the task then
+/// waits for the remaining connections to end.
+pub struct Supervisor {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Supervisor {
+    /// Supervises `conns` of device `index` of `vol`.
+    pub fn start(vol: Arc<Volume>, index: u32, identifier: String, conns: Vec<KernelConn>) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(supervise(vol, index, identifier, conns, stop.clone()));
+        Supervisor { stop, task }
+    }
+
+    /// Stops replacing connections (they go on serving).
+    pub fn stop_replacing(&self) {
+        self.stop.cancel();
+    }
+
+    /// Stops replacing and waits up to `wait` for every connection to end
+    /// (after DISCONNECT); past it the task is aborted, which leaves the
+    /// connections to the volume's close.
+    pub async fn finish(self, wait: Duration) {
+        self.stop.cancel();
+        let mut task = self.task;
+        if tokio::time::timeout(wait, &mut task).await.is_err() {
+            tracing::warn!("kernel connections still open {wait:?} after DISCONNECT");
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+async fn replace_one(vol: &Volume, index: u32, identifier: &str) -> Result<KernelConn, CsiError> {
+    let (kernel, ours) = pairs(1)?;
+    let cfg = ReconfigureConfig {
+        identifier: Some(identifier.to_string()),
+        io_timeout: Some(NODE_IO_TIMEOUT),
+        dead_conn_timeout: Some(NODE_DEAD_CONN_TIMEOUT),
+        client_flags: None,
+    };
+    reconfigure(index, kernel, &ours, cfg).await?;
+    Ok(serve(vol, ours)?.remove(0))
+}
+
+async fn supervise(
+    vol: Arc<Volume>,
+    index: u32,
+    identifier: String,
+    conns: Vec<KernelConn>,
+    stop: CancellationToken,
+) {
+    let mut set = JoinSet::new();
+    for c in conns {
+        set.spawn(c);
+    }
+    let mut missing = 0usize;
+    loop {
+        if missing > 0 && !stop.is_cancelled() {
+            match replace_one(&vol, index, &identifier).await {
+                Ok(c) => {
+                    tracing::info!(index, "replaced a dead connection of nbd{index}");
+                    set.spawn(c);
+                    missing -= 1;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(index, "replacing a connection of nbd{index}: {e}; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(r) = set.join_next() => {
+                if stop.is_cancelled() {
+                    break;
+                }
+                tracing::warn!(index, "a kernel connection of nbd{index} ended while attached ({r:?})");
+                missing += 1;
+            }
+            else => break,
+        }
+    }
+    while set.join_next().await.is_some() {}
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use csi::capabilities;
@@ -22,7 +23,7 @@ use r3map::volume::{KernelConn, Mode, Volume, VolumeSpec};
 use tokio::sync::Mutex;
 use tonic::{Code, Request, Response, Status};
 
-use super::attach;
+use super::attach::{self, Supervisor};
 use super::state::{StateDir, VolumeRecord, VERSION};
 use crate::device::sysfs::NbdSysfs;
 use crate::device::{
@@ -64,8 +65,9 @@ struct Staged {
     /// None when re-attaching at startup failed (`broken` says why) or a
     /// close failed; NodeUnstageVolume then reopens it to push what the
     /// cache holds.
-    vol: Option<Volume>,
-    conns: Vec<KernelConn>,
+    vol: Option<Arc<Volume>>,
+    /// Keeps the device's connections served while staged.
+    sup: Option<Supervisor>,
     broken: Option<String>,
 }
 
@@ -384,12 +386,16 @@ impl NodeService {
         match self.attach_new(&vol, &mut rec).await {
             Ok(conns) => {
                 tracing::info!(volume = %id, index = ?rec.device_index, epoch = rec.epoch, "staged");
+                let vol = Arc::new(vol);
+                let sup = rec
+                    .device_index
+                    .map(|i| Supervisor::start(vol.clone(), i, rec.identifier.clone(), conns));
                 self.staged.lock().await.insert(
                     id,
                     Staged {
                         rec,
                         vol: Some(vol),
-                        conns,
+                        sup,
                         broken: None,
                     },
                 );
@@ -466,7 +472,7 @@ impl NodeService {
                         Staged {
                             rec,
                             vol: None,
-                            conns: Vec::new(),
+                            sup: None,
                             broken: Some(e.to_string()),
                         },
                     );
@@ -552,10 +558,12 @@ impl NodeService {
             self.dir.save(&rec)?;
         }
         tracing::info!(volume = %id, index, epoch = rec.epoch, "re-attached");
+        let vol = Arc::new(vol);
+        let sup = Supervisor::start(vol.clone(), index, rec.identifier.clone(), conns);
         Ok(Some(Staged {
             rec,
             vol: Some(vol),
-            conns,
+            sup: Some(sup),
             broken: None,
         }))
     }
@@ -615,22 +623,25 @@ impl NodeService {
                 .and_then(|d| d.backend().ok().flatten());
             // Only a device that is still ours is touched.
             if ours.as_deref() == Some(s.rec.identifier.as_str()) {
-                if s.vol.is_some() {
+                if let Some(sup) = &s.sup {
+                    // A connection ending from here on is the DISCONNECT.
+                    sup.stop_replacing();
                     attach::flush_device(index, Duration::from_secs(60)).await?;
                 }
                 attach::disconnect(index).await?;
             }
         }
-        for c in s.conns.drain(..) {
-            if tokio::time::timeout(Duration::from_secs(30), c)
-                .await
-                .is_err()
-            {
-                tracing::warn!("a kernel connection did not end within 30 s of DISCONNECT");
-            }
+        if let Some(sup) = s.sup.take() {
+            sup.finish(Duration::from_secs(30)).await;
         }
         let vol = match s.vol.take() {
-            Some(v) => v,
+            // The supervisor held the only other reference, and it ended.
+            Some(v) => Arc::try_unwrap(v).map_err(|_| {
+                CsiError::Internal(format!(
+                    "volume {} is still in use after DISCONNECT",
+                    s.rec.volume_id
+                ))
+            })?,
             // Nothing served since the restart; what the cache holds
             // unpushed still goes to the region, with our epoch (a fenced
             // node's pushes are refused, and that is reported).
