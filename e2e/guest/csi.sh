@@ -9,8 +9,11 @@
 #      writes and started again on the same --state-dir; the pod must see
 #      no error; everything it msync'd reads back;
 #   3. unpublish, unstage (each twice: idempotent); the device is gone;
-#   4. a second plugin instance (another node id and state dir) stages the
-#      volume, which fences the first node off, and reads the content back.
+#   4. node-a stages again and its plugin dies; a second plugin instance
+#      (node-b: another node id and state dir) stages the volume, which
+#      fences node-a off, and reads the content back; node-a's restarted
+#      plugin refuses to re-attach (fenced), answers FAILED_PRECONDITION to
+#      a stage, reports the volume abnormal, and unstages it cleanly.
 # The host (node/tests/guest_csi.rs) then reads the region and checks every
 # byte the pod msync'd. Markers as in netlink.sh.
 # Kernel parameters: r3map_host, r3map_port, r3map_seed, r3map_vol.
@@ -91,6 +94,14 @@ call() {
 	cat /tmp/call.out
 	[ $rc = 0 ] || fail "call $* exited $rc"
 }
+# call_fail TAG CODE ARGS...: one CSI call that must fail with CODE.
+call_fail() {
+	t=$1 want=$2; shift 2
+	timeout 300 r3map-csi-call --endpoint unix:///run/csi/$t.sock "$@" >/tmp/call.out 2>&1
+	rc=$?
+	cat /tmp/call.out
+	[ $rc = 1 ] && grep -q "code=$want" /tmp/call.out || fail "call $* exited $rc, want code $want"
+}
 CTX="--context regionId=$vol --context chunkSize=256KiB --context pullWorkers=4 --context durability=flush"
 
 # --- 1. stage and publish on node-a -------------------------------------------
@@ -164,7 +175,15 @@ kill $npid
 wait $npid
 log "unstaged on node-a"
 
-# --- 4. a second node takes the volume over and reads it back -----------------
+# --- 4. a second node takes the volume over; the first one is fenced ---------
+# node-a stages again (a fresh stage: it fences the region at a new epoch)
+# and its plugin dies; node-b stages the volume (fencing node-a off) and
+# reads it back; node-a's restarted plugin must refuse to re-attach.
+start_node a node-a /tmp/node-a3.log
+call a stage --volume-id $vol --staging-path $STG $CTX
+idx_a=$(grep -o '"device_index": [0-9]*' /var/a/volumes/$vol.json | grep -o '[0-9]*$')
+kill -9 $npid
+wait $npid 2>/dev/null
 start_node b node-b /tmp/node-b.log
 call b stage --volume-id $vol --staging-path $STG $CTX
 call b publish --volume-id $vol --staging-path $STG --target-path $TGT2
@@ -172,11 +191,29 @@ timeout 120 mmapcheck check $TGT2 $OFF $((PIECE * COUNT)) $SEED || fail "the pod
 timeout 60 mmapcheck check $TGT2 0 $OFF zero || fail "the bytes before the pod's range are not zero on node-b"
 call b stats --volume-id $vol --path $TGT2
 grep -q 'abnormal=false' /tmp/call.out || fail "volume condition abnormal on node-b"
+log "node-b read the volume back"
+pb=$npid
+start_node a node-a /tmp/node-a4.log
+grep 'r3map-csi-node:' /tmp/node-a4.log
+grep -q "refused $vol.*fenced" /tmp/node-a4.log || fail "node-a's restarted plugin did not refuse the fenced volume"
+call_fail a FailedPrecondition stage --volume-id $vol --staging-path $STG $CTX
+call a stats --volume-id $vol --path $STG
+grep -q 'abnormal=true' /tmp/call.out || fail "node-a's fenced volume is not abnormal"
+call a unstage --volume-id $vol --staging-path $STG
+[ -e /var/a/volumes/$vol.json ] && fail "node-a's record survived unstage"
+sleep 0.5
+[ -e /sys/block/nbd$idx_a ] && [ "$(cat /sys/block/nbd$idx_a/size)" != 0 ] && fail "node-a's nbd$idx_a still attached"
+kill $npid
+wait $npid
+log "node-a fenced: re-attach refused, stage FAILED_PRECONDITION, unstage cleaned up"
+# node-b is unaffected.
+timeout 120 mmapcheck check $TGT2 $OFF $((PIECE * COUNT)) $SEED || fail "node-b lost the volume when node-a unstaged"
+npid=$pb
 call b unpublish --volume-id $vol --target-path $TGT2
 call b unstage --volume-id $vol --staging-path $STG
 kill $npid
 wait $npid
-log "node-b read the volume back"
+log "node-b unstaged"
 
 log "PASS"
 bye

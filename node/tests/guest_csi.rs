@@ -11,9 +11,10 @@
 //!
 //! In the guest (e2e/guest/csi.sh) `r3map-csi-node` stages and publishes
 //! the volume, a "pod" mmaps the published device and msyncs piece after
-//! piece while the plugin is killed with SIGKILL and restarted, and a
-//! second plugin instance (another node id) stages the volume again and
-//! reads it back. Here the test asserts on the guest's markers, then reads
+//! piece while the plugin is killed with SIGKILL and restarted; then the
+//! volume moves to a second plugin instance (another node id) while the
+//! first one's plugin is down, and the first one's restarted plugin must
+//! refuse to re-attach (fenced). Here the test asserts on the guest's markers, then reads
 //! the region back and checks every byte the pod msync'd, and that the
 //! second node holds the region. It never skips: without qemu or the
 //! kernel package it fails and says what is missing.
@@ -290,6 +291,8 @@ fn node_plugin_survives_a_restart_under_an_mmap_writer() {
         "restart OK: the pod saw no error",
         "unstaged on node-a",
         "node-b read the volume back",
+        "node-a fenced: re-attach refused, stage FAILED_PRECONDITION, unstage cleaned up",
+        "node-b unstaged",
     ] {
         assert!(
             console.contains(m),
@@ -322,10 +325,11 @@ fn node_plugin_survives_a_restart_under_an_mmap_writer() {
         };
         assert_eq!(got, want, "region byte {off}: got {got:#x}, want {want:#x}");
     }
-    // The second node took the region over at stage.
+    // The second node took the region over at stage: node-a fenced it at
+    // epochs 1 and 2, node-b at 3.
     let reg = rt.block_on(client.get_region(&vol)).unwrap();
     assert_eq!(reg.owner, "node-b", "region {reg:?}");
-    assert!(reg.epoch >= 2, "region {reg:?}");
+    assert_eq!(reg.epoch, 3, "region {reg:?}");
     eprintln!(
         "guest csi scenario passed in {:.1}s; findings:\n{}",
         t.elapsed().as_secs_f64(),

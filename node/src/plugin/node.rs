@@ -39,6 +39,11 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// How long a connection to the region service may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a restarted plugin retries re-attaching a volume while the
+/// region service is unreachable: well inside NODE_DEAD_CONN_TIMEOUT, after
+/// which the device's I/O fails anyway.
+const RECOVER_RETRY: Duration = Duration::from_secs(60);
+
 /// How long NodeUnstageVolume may spend pushing and flushing a volume.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -455,7 +460,20 @@ impl NodeService {
                 }
             };
             let id = rec.volume_id.clone();
-            match self.reattach(rec.clone()).await {
+            // An unreachable region service is worth waiting for (the
+            // device waits NODE_DEAD_CONN_TIMEOUT for us); anything else
+            // will not change by retrying.
+            let t0 = Instant::now();
+            let result = loop {
+                match self.reattach(rec.clone()).await {
+                    Err(e) if e.code() == Code::Unavailable && t0.elapsed() < RECOVER_RETRY => {
+                        tracing::warn!(volume = %id, "re-attach: {e}; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    r => break r,
+                }
+            };
+            match result {
                 Ok(Some(s)) => {
                     report.push(format!(
                         "reattached {id} nbd{}",
@@ -642,14 +660,35 @@ impl NodeService {
                     s.rec.volume_id
                 ))
             })?,
-            // Nothing served since the restart; what the cache holds
-            // unpushed still goes to the region, with our epoch (a fenced
-            // node's pushes are refused, and that is reported).
-            None => self.reopen(&s.rec).await?,
+            None => {
+                // Nothing served since the restart. A node that was fenced
+                // off has nothing to push: the region belongs to a newer
+                // writer, and the store would refuse every write (and
+                // unstage would never succeed).
+                match self.check_fence(&s.rec).await {
+                    Err(e) if e.code() == Code::FailedPrecondition => {
+                        tracing::warn!(volume = %s.rec.volume_id, "unstaging a fenced volume without pushing its cache: {e}");
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                    Ok(()) => {}
+                }
+                // What the cache holds unpushed still goes to the region.
+                self.reopen(&s.rec).await?
+            }
         };
-        vol.close(Instant::now() + CLOSE_TIMEOUT)
-            .await
-            .map_err(|e| CsiError::from(e).context(&format!("closing {}", s.rec.volume_id)))
+        let fenced = vol.managed().and_then(|m| m.fenced());
+        match vol.close(Instant::now() + CLOSE_TIMEOUT).await {
+            Ok(()) => Ok(()),
+            Err(e) if fenced.is_some() || e.kind() == r3map::ErrorKind::Fenced => {
+                // Fenced while staged (another node staged the volume): its
+                // writes belong to nobody now; keeping the record would
+                // only make every later unstage fail.
+                tracing::warn!(volume = %s.rec.volume_id, "closed a fenced volume; unpushed writes dropped: {e}");
+                Ok(())
+            }
+            Err(e) => Err(CsiError::from(e).context(&format!("closing {}", s.rec.volume_id))),
+        }
     }
 
     // --------------------------------------------------------------- publish

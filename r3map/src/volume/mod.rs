@@ -85,10 +85,9 @@ impl Volume {
         // its tracker (idle until a destination starts tracking). A
         // managed volume keeps the finalize answer beside its cache, so a
         // volume reopened after handing its region over stays closed.
-        let record = match &cache_path {
-            Some(c) => Some(crate::migration::record::record_path(c)),
-            None => None,
-        };
+        let record = cache_path
+            .as_ref()
+            .map(|c| crate::migration::record::record_path(c));
         let source = Source::open(served, chunk_size, managed.clone(), record).await?;
         let export = Export::new(name.clone(), source.backend()).read_only(read_only);
         Ok(Volume {
