@@ -121,6 +121,15 @@ call a publish --volume-id $vol --staging-path $STG --target-path $TGT
 call a stats --volume-id $vol --path $STG
 grep -q 'abnormal=false' /tmp/call.out || fail "volume condition abnormal after stage"
 log "published at $TGT"
+# A read-only publish: the bind mount is remounted ro; does that stop a
+# writer of the device node? (Zeros at 0, where the volume holds zeros.)
+TGT_RO=$KUBELET/pods/pod-ro/volumeDevices/kubernetes.io~csi/$vol
+call a publish --volume-id $vol --staging-path $STG --target-path $TGT_RO --readonly
+ro_opt=$(grep " $TGT_RO " /proc/mounts | cut -d' ' -f4 | cut -d, -f1)
+[ "$ro_opt" = ro ] || fail "read-only publish is mounted '$ro_opt'"
+mmapcheck dwrite $TGT_RO 0 4096 zero 2>/tmp/ro.err
+finding "readonly_publish_write_rc=$? err='$(head -c 80 /tmp/ro.err)'"
+call a unpublish --volume-id $vol --target-path $TGT_RO
 
 # --- 2. the pod writes; the plugin is killed and restarted under it ----------
 mmapcheck mloop $TGT $OFF $PIECE $COUNT $SEED >/tmp/pod.log 2>&1 &

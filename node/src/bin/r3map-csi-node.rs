@@ -3,6 +3,7 @@
 //! re-attaches them after a restart (docs/csi.md).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -83,14 +84,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             server_name: a.tls_name.clone(),
         }),
     };
-    let node = NodeService::new(Config {
+    let node = Arc::new(NodeService::new(Config {
         node_id: a.nodeid.clone(),
         state_dir: a.state_dir.clone(),
         kubelet_dir: a.kubelet_dir.clone(),
         region,
         connections: usize::from(a.connections),
         hold: Duration::from_millis(a.test_hold_ms),
-    })?;
+    })?);
     // Before serving: the devices of recorded volumes wait (I/O paused, up
     // to the dead-connection timeout) for exactly this.
     for line in node.recover().await {
@@ -102,7 +103,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .add_service(IdentityServer::new(IdentityService {
             name: a.drivername.clone(),
         }))
-        .add_service(NodeServer::new(node));
+        .add_service(NodeServer::from_arc(node));
     let stop = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");

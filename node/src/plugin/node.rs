@@ -443,13 +443,16 @@ impl NodeService {
 
     // ------------------------------------------------------- restart survival
 
-    /// Re-attaches every recorded volume (run once, before serving): each
-    /// is reopened from its cache with the epoch it holds (never a new
-    /// fence: that would fence off our own writes in flight), its device's
-    /// identifier is checked, and it gets new sockets through RECONFIGURE.
-    /// Returns one line per volume for the log.
-    pub async fn recover(&self) -> Vec<String> {
+    /// Re-attaches every recorded volume (run once, before serving),
+    /// all volumes at once (each device's dead-connection timeout runs
+    /// from the same moment): each is reopened from its cache with the
+    /// epoch it holds (never a new fence: that would fence off our own
+    /// writes in flight), its device's identifier is checked, and it gets
+    /// new sockets through RECONFIGURE. Returns one line per volume for the
+    /// log.
+    pub async fn recover(self: &Arc<Self>) -> Vec<String> {
         let mut report = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
         for r in self.dir.load_all() {
             let rec = match r {
                 Ok(rec) => rec,
@@ -459,20 +462,18 @@ impl NodeService {
                     continue;
                 }
             };
-            let id = rec.volume_id.clone();
-            // An unreachable region service is worth waiting for (the
-            // device waits NODE_DEAD_CONN_TIMEOUT for us); anything else
-            // will not change by retrying.
-            let t0 = Instant::now();
-            let result = loop {
-                match self.reattach(rec.clone()).await {
-                    Err(e) if e.code() == Code::Unavailable && t0.elapsed() < RECOVER_RETRY => {
-                        tracing::warn!(volume = %id, "re-attach: {e}; retrying");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                    r => break r,
-                }
+            let this = self.clone();
+            tasks.spawn(async move {
+                let r = this.reattach_retrying(&rec).await;
+                (rec, r)
+            });
+        }
+        while let Some(j) = tasks.join_next().await {
+            let Ok((rec, result)) = j else {
+                report.push(format!("a re-attach task failed: {j:?}", j = j.err()));
+                continue;
             };
+            let id = rec.volume_id.clone();
             match result {
                 Ok(Some(s)) => {
                     report.push(format!(
@@ -497,7 +498,25 @@ impl NodeService {
                 }
             }
         }
+        report.sort();
         report
+    }
+
+    /// [`Self::reattach`], retried while the region service is
+    /// unreachable: worth waiting for (the device waits
+    /// NODE_DEAD_CONN_TIMEOUT for us); anything else will not change by
+    /// retrying. Nothing before the failing step has lasting effects.
+    async fn reattach_retrying(&self, rec: &VolumeRecord) -> CsiResult<Option<Staged>> {
+        let t0 = Instant::now();
+        loop {
+            match self.reattach(rec.clone()).await {
+                Err(e) if e.code() == Code::Unavailable && t0.elapsed() < RECOVER_RETRY => {
+                    tracing::warn!(volume = %rec.volume_id, "re-attach: {e}; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     async fn reopen(&self, rec: &VolumeRecord) -> CsiResult<Volume> {
