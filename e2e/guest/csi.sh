@@ -115,21 +115,26 @@ idx=$(grep -o '"device_index": [0-9]*' /var/a/volumes/$vol.json | grep -o '[0-9]
 [ "$(cat /sys/block/nbd$idx/backend)" = "$vol" ] || fail "nbd$idx backend is not $vol"
 finding "device=nbd$idx size=$(($(cat /sys/block/nbd$idx/size) * 512))"
 log "staged $vol on nbd$idx"
+# A read-only publish: the bind mount is remounted ro, which alone does not
+# stop a writer of a device node; the plugin makes the device read-only
+# (zeros at 0, where the volume holds zeros, should a write get through).
+TGT_RO=$KUBELET/pods/pod-ro/volumeDevices/kubernetes.io~csi/$vol
+call a publish --volume-id $vol --staging-path $STG --target-path $TGT_RO --readonly
+ro_opt=$(grep " $TGT_RO " /proc/mounts | cut -d' ' -f4 | cut -d, -f1)
+[ "$ro_opt" = ro ] || fail "read-only publish is mounted '$ro_opt'"
+mmapcheck dwrite $TGT_RO 0 4096 zero 2>/tmp/ro.err
+ro_rc=$?
+finding "readonly_publish_write_rc=$ro_rc err='$(head -c 80 /tmp/ro.err)'"
+[ $ro_rc != 0 ] || fail "a write through the read-only publish succeeded"
+call a unpublish --volume-id $vol --target-path $TGT_RO
+mmapcheck dwrite /dev/nbd$idx 0 4096 zero || fail "the device stayed read-only after the read-only publish went"
+log "read-only publish refused a write"
 call a publish --volume-id $vol --staging-path $STG --target-path $TGT
 call a publish --volume-id $vol --staging-path $STG --target-path $TGT
 [ -b $TGT ] || fail "$TGT is not a block device after publish"
 call a stats --volume-id $vol --path $STG
 grep -q 'abnormal=false' /tmp/call.out || fail "volume condition abnormal after stage"
 log "published at $TGT"
-# A read-only publish: the bind mount is remounted ro; does that stop a
-# writer of the device node? (Zeros at 0, where the volume holds zeros.)
-TGT_RO=$KUBELET/pods/pod-ro/volumeDevices/kubernetes.io~csi/$vol
-call a publish --volume-id $vol --staging-path $STG --target-path $TGT_RO --readonly
-ro_opt=$(grep " $TGT_RO " /proc/mounts | cut -d' ' -f4 | cut -d, -f1)
-[ "$ro_opt" = ro ] || fail "read-only publish is mounted '$ro_opt'"
-mmapcheck dwrite $TGT_RO 0 4096 zero 2>/tmp/ro.err
-finding "readonly_publish_write_rc=$? err='$(head -c 80 /tmp/ro.err)'"
-call a unpublish --volume-id $vol --target-path $TGT_RO
 
 # --- 2. the pod writes; the plugin is killed and restarted under it ----------
 mmapcheck mloop $TGT $OFF $PIECE $COUNT $SEED >/tmp/pod.log 2>&1 &

@@ -166,6 +166,31 @@ fn is_bind_of(target: &Path, dev: &Path) -> bool {
     }
 }
 
+/// Whether the device must be read-only: published, and only read-only.
+/// A read-only bind mount does not stop writes to a device node (measured
+/// in the guest: a write through it succeeded), so read-only is enforced
+/// on the block device itself, which all publishes of the volume share.
+fn device_ro(rec: &VolumeRecord) -> bool {
+    !rec.published.is_empty() && rec.published.values().all(|&ro| ro)
+}
+
+nix::ioctl_write_ptr_bad!(blkroset, 0x125d, nix::libc::c_int);
+
+/// BLKROSET on /dev/nbd`index`: writes to a read-only block device fail
+/// with EPERM whichever path opened it.
+fn set_device_ro(index: u32, ro: bool) -> CsiResult<()> {
+    use std::os::fd::AsRawFd;
+    let dev = format!("/dev/nbd{index}");
+    let f =
+        std::fs::File::open(&dev).map_err(|e| CsiError::Internal(format!("opening {dev}: {e}")))?;
+    let v: nix::libc::c_int = ro.into();
+    // SAFETY: BLKROSET reads one int from the pointer, which lives across
+    // the call; the fd is open.
+    unsafe { blkroset(f.as_raw_fd(), &v) }
+        .map_err(|e| CsiError::Internal(format!("BLKROSET {ro} on {dev}: {e}")))?;
+    Ok(())
+}
+
 fn remove_dir(p: &Path) -> CsiResult<()> {
     match std::fs::remove_dir_all(p) {
         Ok(()) => Ok(()),
@@ -797,6 +822,10 @@ impl NodeService {
         }
         let mut rec = s.rec.clone();
         rec.published.insert(r.target_path.clone(), r.readonly);
+        if let Err(e) = set_device_ro(index, device_ro(&rec)) {
+            let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+            return Err(e);
+        }
         self.dir.save(&rec)?;
         s.rec = rec;
         tracing::info!(volume = %id, target = %r.target_path, readonly = r.readonly, "published");
@@ -846,6 +875,9 @@ impl NodeService {
             if s.rec.published.contains_key(&r.target_path) {
                 let mut rec = s.rec.clone();
                 rec.published.remove(&r.target_path);
+                if let (Some(index), None) = (rec.device_index, &s.broken) {
+                    set_device_ro(index, device_ro(&rec))?;
+                }
                 self.dir.save(&rec)?;
                 s.rec = rec;
             }
