@@ -311,6 +311,18 @@ fn node_plugin_survives_a_restart_under_an_mmap_writer() {
         "the plugin was killed after the pod finished ({killed} pieces): the restart was not under load"
     );
 
+    // The pod paused (the msync in flight at the kill waits for the
+    // kernel's I/O timeout, NODE_IO_TIMEOUT = 30 s, to be resent), but far
+    // less than the dead-connection timeout (120 s), after which it would
+    // have seen EIO.
+    let gap: f64 = finding(&console, "pod_max_gap_s")
+        .and_then(|v| v.parse().ok())
+        .expect("pod_max_gap_s finding");
+    assert!(
+        gap < 90.0,
+        "the pod stalled {gap} s across the restart; console:\n{console}"
+    );
+
     // Every byte the pod msync'd is in the region; the rest is zero.
     let b = rt.block_on(client.backend(&vol)).unwrap();
     let mut buf = vec![0u8; SIZE as usize];
