@@ -103,6 +103,27 @@ impl From<Status> for CsiError {
     }
 }
 
+/// An engine error, by kind: a fenced writer cannot go on
+/// (FAILED_PRECONDITION: the region belongs to a newer writer), a busy
+/// cache is another call's (ABORTED: retry later), an unreachable peer is
+/// UNAVAILABLE, I/O failures are INTERNAL.
+impl From<r3map::Error> for CsiError {
+    fn from(e: r3map::Error) -> CsiError {
+        use r3map::ErrorKind as K;
+        let m = e.to_string();
+        match e.kind() {
+            K::NotFound => CsiError::NotFound(m),
+            K::AlreadyExists => CsiError::AlreadyExists(m),
+            K::InvalidArgument => CsiError::InvalidArgument(m),
+            K::FailedPrecondition | K::Fenced => CsiError::FailedPrecondition(m),
+            K::OutOfRange => CsiError::OutOfRange(m),
+            K::Unavailable => CsiError::Unavailable(m),
+            K::Busy => CsiError::Aborted(m),
+            K::Io => CsiError::Internal(m),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +159,18 @@ mod tests {
             Code::Unavailable
         );
         assert_eq!(CsiError::from(Status::unknown("x")).code(), Code::Internal);
+    }
+
+    #[test]
+    fn engine_kinds() {
+        let fenced = r3map::Error::Fenced("epoch 3 < 4".into());
+        assert_eq!(CsiError::from(fenced).code(), Code::FailedPrecondition);
+        let busy = r3map::Error::Busy("cache locked".into());
+        assert_eq!(CsiError::from(busy).code(), Code::Aborted);
+        let un = r3map::Error::Unavailable("down".into());
+        assert_eq!(CsiError::from(un).code(), Code::Unavailable);
+        let nf = r3map::Error::NotFound("region".into());
+        assert_eq!(CsiError::from(nf).code(), Code::NotFound);
     }
 
     #[test]

@@ -21,6 +21,12 @@
  *   mmapcheck fwrite DEV OFF LEN SEED      buffered pwrite()s, then fsync (FLUSH)
  *   mmapcheck check  DEV OFF LEN SEED|zero O_DIRECT read and compare
  *   mmapcheck mcheck DEV OFF LEN SEED|zero mmap read and compare
+ *   mmapcheck mloop  DEV OFF PIECE COUNT SEED
+ *                    a "pod": maps PIECE*COUNT bytes MAP_SHARED once, then
+ *                    for each piece i fills it and msync(MS_SYNC)s it, and
+ *                    prints "i SECONDS" (CLOCK_BOOTTIME, like /proc/uptime)
+ *                    once the msync returned; "ERR i ..." and exit 1 on an
+ *                    error (a SIGBUS from a failed page-in too)
  * OFF and LEN take a k/m suffix (KiB/MiB). Exit 0 on success, 1 on any error
  * or mismatch (with the first differing offset on stderr).
  */
@@ -31,7 +37,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ALIGN 4096
@@ -206,8 +214,58 @@ static int cmd_check(const char *dev, uint64_t off, uint64_t len, uint64_t seed)
 	return 0;
 }
 
+static volatile sig_atomic_t cur_piece = -1;
+
+static void on_sigbus(int sig)
+{
+	char msg[64];
+	int n = snprintf(msg, sizeof msg, "ERR %d SIGBUS\n", (int)cur_piece);
+	(void)sig;
+	if (write(1, msg, n) < 0)
+		_exit(1);
+	_exit(1);
+}
+
+static int cmd_mloop(const char *dev, uint64_t off, uint64_t piece, uint64_t count,
+		     uint64_t seed)
+{
+	if (off % ALIGN || piece % ALIGN || !piece || !count) {
+		fprintf(stderr, "mmapcheck: mloop needs page-aligned OFF and PIECE\n");
+		return 1;
+	}
+	signal(SIGBUS, on_sigbus);
+	int fd = open(dev, O_RDWR);
+	if (fd < 0)
+		return die("open");
+	uint64_t len = piece * count;
+	uint8_t *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)off);
+	if (m == MAP_FAILED)
+		return die("mmap");
+	for (uint64_t i = 0; i < count; i++) {
+		cur_piece = (sig_atomic_t)i;
+		fill(m + i * piece, off + i * piece, piece, seed);
+		if (msync(m + i * piece, piece, MS_SYNC)) {
+			printf("ERR %llu msync %s\n", (unsigned long long)i, strerror(errno));
+			fflush(stdout);
+			return 1;
+		}
+		struct timespec t;
+		clock_gettime(CLOCK_BOOTTIME, &t);
+		printf("%llu %lld.%02ld\n", (unsigned long long)i, (long long)t.tv_sec,
+		       t.tv_nsec / 10000000);
+		fflush(stdout);
+	}
+	if (munmap(m, len))
+		return die("munmap");
+	if (close(fd))
+		return die("close");
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc == 7 && !strcmp(argv[1], "mloop"))
+		return cmd_mloop(argv[2], num(argv[3]), num(argv[4]), num(argv[5]), num(argv[6]));
 	if (argc == 5 && !strcmp(argv[1], "gen"))
 		return cmd_gen(num(argv[2]), num(argv[3]), num(argv[4]));
 	if (argc != 6) {

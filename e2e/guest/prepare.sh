@@ -7,6 +7,10 @@
 # (stripped, with the libraries ldd lists) to /bin, and then the initramfs is
 # written as guest/initramfs-extra.gz instead, so that a run with extra
 # binaries and one without do not rebuild each other's image.
+# R3MAP_GUEST_EXTRA_FILES="PATH..." copies files to /etc/r3map/ in the guest
+# (credentials for the csi scenario); R3MAP_GUEST_IMAGE names the image
+# (default initramfs-extra.gz), so that two scenarios with different extras
+# do not rebuild each other's image either.
 # The kernel package is fetched with `apt-get download` and unpacked with
 # `dpkg -x`: nothing is installed system-wide. Prints the cache dir on success.
 set -euo pipefail
@@ -116,9 +120,11 @@ fi
 # --- the initramfs ----------------------------------------------------------
 extra=(${R3MAP_GUEST_EXTRA_BINS:-})
 img=initramfs.gz
-[ ${#extra[@]} -gt 0 ] && img=initramfs-extra.gz
+[ ${#extra[@]} -gt 0 ] && img=${R3MAP_GUEST_IMAGE:-initramfs-extra.gz}
 for b in "${extra[@]}"; do [ -x "$b" ] || die "extra binary $b is missing"; done
-stamp_inputs=("$here/init" "$here/netlink.sh" "$here/prepare.sh" "$out/mmapcheck" "$deb" "$busybox" "$(command -v nbd-client)" "${extra[@]}")
+files=(${R3MAP_GUEST_EXTRA_FILES:-})
+for f in "${files[@]}"; do [ -f "$f" ] || die "extra file $f is missing"; done
+stamp_inputs=("$here/init" "$here/netlink.sh" "$here/csi.sh" "$here/prepare.sh" "$out/mmapcheck" "$deb" "$busybox" "$(command -v nbd-client)" "${extra[@]}" "${files[@]}")
 fresh=1
 [ -f "$out/$img" ] || fresh=0
 for f in "${stamp_inputs[@]}"; do
@@ -160,9 +166,12 @@ if [ "$fresh" = 0 ]; then
       esac
     done
   done
+  mkdir -p "$root/etc/r3map"
+  for f in "${files[@]}"; do cp "$f" "$root/etc/r3map/"; done
   cp "$here/init" "$root/init"
   cp "$here/netlink.sh" "$root/netlink.sh"
-  chmod 755 "$root/init" "$root/netlink.sh"
+  cp "$here/csi.sh" "$root/csi.sh"
+  chmod 755 "$root/init" "$root/netlink.sh" "$root/csi.sh"
   (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1 >"$out/$img.tmp")
   mv "$out/$img.tmp" "$out/$img"
 fi

@@ -2,3 +2,4 @@
 //! (`/dev/nbdN`) whose other end the r3map engine serves from user space.
 
 pub mod device;
+pub mod plugin;

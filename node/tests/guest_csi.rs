@@ -1,0 +1,354 @@
+//! The CSI node plugin end to end against the real kernel NBD client.
+//!
+//! The host kernel has no nbd.ko, so this boots the e2e qemu guest
+//! (e2e/guest, Debian's 6.1 kernel) with `r3map_scenario=csi`:
+//! `r3map backend` (the region service) runs here on the host; the guest
+//! reaches it at 10.0.2.2:PORT, which qemu's user network maps to the
+//! host's 127.0.0.1. The connection is TLS (a throwaway CA made here, the
+//! server certificate names localhost, 127.0.0.1 and 10.0.2.2) with a
+//! bearer token: the engine's client refuses plain HTTP/2 to a host that
+//! is not loopback, and 10.0.2.2 is not loopback from the guest's side.
+//!
+//! In the guest (e2e/guest/csi.sh) `r3map-csi-node` stages and publishes
+//! the volume, a "pod" mmaps the published device and msyncs piece after
+//! piece while the plugin is killed with SIGKILL and restarted; then the
+//! volume moves to a second plugin instance (another node id) while the
+//! first one's plugin is down, and the first one's restarted plugin must
+//! refuse to re-attach (fenced). Here the test asserts on the guest's markers, then reads
+//! the region back and checks every byte the pod msync'd, and that the
+//! second node holds the region. It never skips: without qemu or the
+//! kernel package it fails and says what is missing.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use r3map::auth::ClientTls;
+use r3map::backend::Backend;
+use r3map::remote::client::{Client, ConnectOptions};
+
+/// qemu's own timeout. Under TCG the scenario boots in ~10 s; the pause
+/// across the restart is up to NODE_IO_TIMEOUT (30 s) on top of the
+/// restart, and every msync pushes to the host.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The region: small, TCG is slow.
+const SIZE: u64 = 32 << 20;
+/// The pod's writes; mirrored in e2e/guest/csi.sh (OFF, PIECE, COUNT,
+/// SEED = r3map_seed + 11).
+const OFF: u64 = 1 << 20;
+const PIECE: u64 = 256 << 10;
+const COUNT: u64 = 48;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn require(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed: this test boots a qemu guest; run 'bash .ci/install-deps' (as root)"
+    );
+}
+
+fn r3map_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join("r3map");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --release --workspace` first",
+        p.display()
+    );
+    p
+}
+
+/// mmapcheck's generator (e2e/guest/mmapcheck.c).
+fn pat(off: u64, seed: u64) -> u8 {
+    let mut k = (off >> 3).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    (k >> ((off & 7) * 8)) as u8
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A CA, a server certificate for the names the backend is reached by, and
+/// a token, written into `dir`.
+fn credentials(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "r3map-csi e2e CA");
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = p.self_signed(&ca_key).unwrap();
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "10.0.2.2".to_string(),
+    ];
+    let mut s = rcgen::CertificateParams::new(names).unwrap();
+    s.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = s.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+        dir.join("token"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    let token: String = (0..32)
+        .map(|_| char::from(b'a' + (rand::random::<u8>() % 26)))
+        .collect();
+    std::fs::write(&paths.3, token).unwrap();
+    (paths.0, paths.1, paths.2, paths.3)
+}
+
+/// Builds (or reuses) the guest image with the plugin, the client and the
+/// credentials in it.
+fn prepare(bins: &[&str], files: &[&Path]) {
+    let script = root().join("e2e/guest/prepare.sh");
+    let files: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("R3MAP_GUEST_EXTRA_BINS", bins.join(" "))
+        .env("R3MAP_GUEST_EXTRA_FILES", files.join(" "))
+        .env("R3MAP_GUEST_IMAGE", "initramfs-csi.gz")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}): this test needs the guest kernel and initramfs\nstdout: {}\nstderr: {}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Boots the guest; returns (run.sh success, console).
+fn boot(port: u16, seed: u64, vol: &str) -> (bool, String) {
+    let mut child = Command::new("bash")
+        .arg(root().join("e2e/guest/run.sh"))
+        .arg(port.to_string())
+        .arg(seed.to_string())
+        .env("R3MAP_GUEST_TIMEOUT", GUEST_TIMEOUT.as_secs().to_string())
+        .env("R3MAP_GUEST_INITRAMFS", "initramfs-csi.gz")
+        .env(
+            "R3MAP_GUEST_APPEND",
+            format!("r3map_scenario=csi r3map_vol={vol}"),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Own process group, so a timeout can end qemu along with run.sh.
+        .process_group(0)
+        .spawn()
+        .expect("spawn e2e/guest/run.sh");
+    let console = Arc::new(Mutex::new(String::new()));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|r| {
+        let console = console.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).replace('\r', "");
+                let mut c = console.lock().unwrap();
+                c.push_str(&line);
+                c.push('\n');
+            }
+        })
+    })
+    .collect();
+    let deadline = Instant::now() + GUEST_TIMEOUT + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    let console = console.lock().unwrap().clone();
+    (status.is_some_and(|s| s.success()), console)
+}
+
+fn finding<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("{key}=");
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("R3MAP-GUEST: FINDING "))
+        .flat_map(|l| l.split(' '))
+        .find_map(|kv| kv.strip_prefix(pat.as_str()))
+}
+
+#[test]
+fn node_plugin_survives_a_restart_under_an_mmap_writer() {
+    require("qemu-system-x86_64");
+    let cache = root().join("e2e/.cache/csi");
+    std::fs::create_dir_all(&cache).unwrap();
+    let (ca, cert, key, token) = credentials(&cache);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let backend = Command::new(r3map_bin())
+        .args(["backend", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--store", "memory:", "--chunk-size", "256KiB"])
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .env("R3MAP_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn r3map backend");
+    let _backend = Proc(backend);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "r3map backend did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let opts = ConnectOptions {
+        addr: format!("127.0.0.1:{port}"),
+        token_file: Some(token.clone()),
+        tls: Some(ClientTls {
+            ca: ca.clone(),
+            cert: None,
+            key: None,
+            server_name: Some("localhost".into()),
+        }),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let vol = format!("csi-e2e-{:08x}", rand::random::<u32>());
+    let client = rt
+        .block_on(Client::connect(&opts))
+        .expect("connect to the backend");
+    rt.block_on(client.create_region(Some(&vol), SIZE))
+        .expect("create the region");
+
+    prepare(
+        &[
+            env!("CARGO_BIN_EXE_r3map-csi-node"),
+            env!("CARGO_BIN_EXE_r3map-csi-call"),
+        ],
+        &[&ca, &token],
+    );
+    let seed = u64::from(rand::random::<u32>() >> 2) + 1;
+    let t = Instant::now();
+    let (ok, console) = boot(port, seed, &vol);
+    let passed = console.lines().any(|l| l.trim() == "R3MAP-GUEST: PASS");
+    assert!(
+        ok && passed && !console.contains("R3MAP-GUEST: FAIL"),
+        "the guest did not pass (run.sh ok: {ok}); guest console:\n{console}"
+    );
+    for m in [
+        "staged ",
+        "published at ",
+        &format!("reattached {vol}"),
+        "restart OK: the pod saw no error",
+        "unstaged on node-a",
+        "node-b read the volume back",
+        "node-a fenced: re-attach refused, stage FAILED_PRECONDITION, unstage cleaned up",
+        "node-b unstaged",
+    ] {
+        assert!(
+            console.contains(m),
+            "marker {m:?} missing; console:\n{console}"
+        );
+    }
+    assert_eq!(
+        finding(&console, "pod_pieces"),
+        Some(COUNT.to_string().as_str())
+    );
+    let killed: u64 = finding(&console, "killed_plugin_after_pieces")
+        .and_then(|v| v.parse().ok())
+        .expect("killed_plugin_after_pieces finding");
+    assert!(
+        killed < COUNT,
+        "the plugin was killed after the pod finished ({killed} pieces): the restart was not under load"
+    );
+
+    // The pod paused (the msync in flight at the kill waits for the
+    // kernel's I/O timeout, NODE_IO_TIMEOUT = 30 s, to be resent), but far
+    // less than the dead-connection timeout (120 s), after which it would
+    // have seen EIO.
+    let gap: f64 = finding(&console, "pod_max_gap_s")
+        .and_then(|v| v.parse().ok())
+        .expect("pod_max_gap_s finding");
+    assert!(
+        gap < 90.0,
+        "the pod stalled {gap} s across the restart; console:\n{console}"
+    );
+
+    // Every byte the pod msync'd is in the region; the rest is zero.
+    let b = rt.block_on(client.backend(&vol)).unwrap();
+    let mut buf = vec![0u8; SIZE as usize];
+    rt.block_on(b.read_at(0, &mut buf)).unwrap();
+    let want_seed = seed + 11;
+    for (i, &got) in buf.iter().enumerate() {
+        let off = i as u64;
+        let want = if (OFF..OFF + PIECE * COUNT).contains(&off) {
+            pat(off, want_seed)
+        } else {
+            0
+        };
+        assert_eq!(got, want, "region byte {off}: got {got:#x}, want {want:#x}");
+    }
+    // The second node took the region over at stage: node-a fenced it at
+    // epochs 1 and 2, node-b at 3.
+    let reg = rt.block_on(client.get_region(&vol)).unwrap();
+    assert_eq!(reg.owner, "node-b", "region {reg:?}");
+    assert_eq!(reg.epoch, 3, "region {reg:?}");
+    eprintln!(
+        "guest csi scenario passed in {:.1}s; findings:\n{}",
+        t.elapsed().as_secs_f64(),
+        console
+            .lines()
+            .filter(|l| l.contains("R3MAP-GUEST: FINDING"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
