@@ -7,18 +7,28 @@
 //! 3. A socketpair: one end is served with [`Volume::serve_kernel`], the
 //!    other plays the kernel, sending raw NBD transmission requests (WRITE,
 //!    FLUSH, READ, DISC) as the kernel would after a netlink CONNECT.
-//! 4. The volume's counters as JSON, then [`Volume::close`] with a deadline,
-//!    then a fresh client reads the region back to show the write reached
-//!    the remote.
+//! 4. The volume's counters as JSON.
+//! 5. A migration to a second volume handle in the same process: the
+//!    first volume's `Seed` service on a unix socket, a `Leech` pulling it
+//!    into a second cache, finalize (the region's fencing epoch moves to
+//!    the destination; the source refuses writes from then on), and a
+//!    second `Volume` serving the destination, read through its own
+//!    socketpair.
+//! 6. [`Volume::close`] of both with a deadline, then a fresh client reads
+//!    the region back to show the writes reached the remote.
 //!
 //! Run: `cargo run --release -p r3map --example embed`. Every step prints
 //! one line; tests/volume.rs checks them.
 
 use std::time::{Duration, Instant};
 
+use r3map::migration::pb::seed_server::SeedServer;
+use r3map::migration::seed::SeedService;
+use r3map::migration::{leech, Leech};
 use r3map::nbd::proto::*;
 use r3map::remote::client::ConnectOptions;
 use r3map::remote::{Client, RegionService, Store, DEFAULT_MAX_REQUEST};
+use r3map::volume::BackendSpec;
 use r3map::{Backend, Volume, VolumeSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -94,9 +104,76 @@ async fn main() -> Result<(), BoxError> {
     // 4. Counters, as the CSI layer would export them.
     println!("stats {}", vol.stats().to_json());
 
-    request(&mut kernel, CMD_DISC, 4, 0, 0).await?;
+    // 5. Migrate to a second volume handle in this process.
+    let seed_ep: r3map::net::Endpoint =
+        dir.path().join("seed.sock").display().to_string().parse()?;
+    let seed_l = r3map::net::Listener::bind(&seed_ep, None, None).await?;
+    let seed_svc = SeedServer::new(SeedService::new(vol.source().clone()));
+    let stop_seed = CancellationToken::new();
+    let seed = tokio::spawn(seed_l.serve(
+        r3map::net::server(None, r3map::net::Keepalive::MIGRATION)?.add_service(seed_svc),
+        stop_seed.clone().cancelled_owned(),
+    ));
+    let leech = Leech::start(leech::Config {
+        from: seed_ep,
+        token: None,
+        tls: None,
+        cache: dir.path().join("vol1-b.cache"),
+        fallback: Some(uri.clone()),
+        owner: Some("node-b".into()),
+        patience: Duration::from_secs(10),
+        pull_workers: 4,
+    })
+    .await?;
+    // Written at the source during the pre-copy: in the dirty list.
+    let late: Vec<u8> = (0..4096u64).map(|i| (i % 13) as u8 + 1).collect();
+    let late_off = 9 * MIB;
+    request(&mut kernel, CMD_WRITE, 4, late_off, late.len() as u32).await?;
+    kernel.write_all(&late).await?;
+    expect_reply(&mut kernel, 4).await?;
+    let out = leech.finalize(false).await?;
+    println!(
+        "migrated: dirty_chunks={} epoch={}",
+        out.dirty_chunks,
+        out.epoch.unwrap_or(0)
+    );
+    let vol_b = Volume::open(VolumeSpec::direct(
+        "vol1-b",
+        BackendSpec::Open(leech.managed().clone()),
+        SIZE,
+    ))
+    .await?;
+    let (mut kernel_b, ours_b) = UnixStream::pair()?;
+    let conn_b = vol_b.serve_kernel(ours_b);
+    request(&mut kernel_b, CMD_READ, 1, late_off, late.len() as u32).await?;
+    expect_reply(&mut kernel_b, 1).await?;
+    let mut got = vec![0u8; late.len()];
+    kernel_b.read_exact(&mut got).await?;
+    println!(
+        "second volume reads the bytes written during the migration: {}",
+        if got == late { "yes" } else { "NO" }
+    );
+    // The source handed its region over: its writes fail (EIO).
+    request(&mut kernel, CMD_WRITE, 5, 0, 4096).await?;
+    kernel.write_all(&[9u8; 4096]).await?;
+    let refused = expect_reply(&mut kernel, 5).await.is_err();
+    println!(
+        "source refuses writes after the hand-over: {}",
+        if refused { "yes" } else { "NO" }
+    );
+    request(&mut kernel_b, CMD_DISC, 2, 0, 0).await?;
+    conn_b.await?;
+    vol_b
+        .close(Instant::now() + Duration::from_secs(30))
+        .await?;
+    drop(leech);
+    println!("closed the destination volume");
+
+    request(&mut kernel, CMD_DISC, 6, 0, 0).await?;
     conn.await?;
     println!("connection ended after DISC");
+    stop_seed.cancel();
+    seed.await??;
 
     vol.close(Instant::now() + Duration::from_secs(30)).await?;
     println!("closed volume");
@@ -108,9 +185,15 @@ async fn main() -> Result<(), BoxError> {
         .await?;
     let mut there = vec![0u8; data.len()];
     remote.read_at(off, &mut there).await?;
+    let mut there_late = vec![0u8; late.len()];
+    remote.read_at(late_off, &mut there_late).await?;
     println!(
         "remote region holds the written bytes: {}",
-        if there == data { "yes" } else { "NO" }
+        if there == data && there_late == late {
+            "yes"
+        } else {
+            "NO"
+        }
     );
 
     stop_grpc.cancel();
