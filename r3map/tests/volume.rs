@@ -709,3 +709,82 @@ fn embed_example_runs_and_reports() {
     );
     assert_eq!(m.chunks_dirty, 0);
 }
+
+/// The process's resident set size in KiB (Linux /proc).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Bench (run by bench/bench-csi): the user-space part of NodeStage — a
+/// managed volume over a 1 GiB region of an in-process region service,
+/// from `Volume::open` to serving its first request on a socketpair —
+/// while 100 such volumes stay open and idle; then the RSS they cost.
+/// Pulling is on demand (pull workers 0), as an idle volume's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_stage_1gib_and_100_idle_volumes() {
+    const GIB: u64 = 1 << 30;
+    let remote = Remote::start().await;
+    let dir = tmp();
+    let rss0 = rss_kib();
+    let mut vols = Vec::new();
+    let mut times = Vec::new();
+    for i in 0..100 {
+        let region = format!("v{i}");
+        let spec = VolumeSpec {
+            mode: Mode::Managed {
+                cache: dir.path().join(format!("{region}.cache")),
+                options: Options {
+                    pull_workers: 0,
+                    ..Default::default()
+                },
+            },
+            ..VolumeSpec::direct(region.clone(), remote.uri(&region).as_str(), GIB)
+        };
+        let t = Instant::now();
+        let vol = Volume::open(spec).await.unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        let conn = vol.serve_kernel(b);
+        let mut c = RawClient::new(a);
+        c.send(CMD_FLUSH, 0, 1, 0, 0, &[]).await;
+        assert_eq!(c.reply().await.error, 0);
+        times.push(t.elapsed());
+        vols.push((vol, conn, c));
+    }
+    let rss = rss_kib();
+    let first = times[0];
+    times.sort();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| stage (user space) of the first 1 GiB volume | {:.2} ms |",
+        first.as_secs_f64() * 1e3
+    );
+    println!(
+        "| stage p50 with up to 99 others open | {:.2} ms |",
+        pct(&times, 0.5).as_secs_f64() * 1e3
+    );
+    println!(
+        "| stage p99 with up to 99 others open | {:.2} ms |",
+        pct(&times, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "| RSS of 100 idle 1 GiB volumes (this process, less its start) | {} MiB |",
+        (rss - rss0) / 1024
+    );
+    println!("| RSS per idle volume | {} KiB |", (rss - rss0) / 100);
+    for (vol, conn, _c) in vols {
+        conn.stop();
+        let _ = conn.await;
+        vol.close(deadline()).await.unwrap();
+    }
+}
