@@ -827,3 +827,33 @@ fn bench_mount_cold_sequential_read_throughput() {
         assert!(p.stop().success());
     }
 }
+
+/// A region never written is pulled whole, yet the cache stays sparse:
+/// zero chunks become holes, not 1 MiB of zeros each on the node's disk;
+/// a chunk with data takes space, and a stale chunk pulled again as zeros
+/// loses its old bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulled_zero_chunks_keep_the_cache_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tmp();
+    let (size, chunk) = (8 * MIB, MIB);
+    let p = Probe::new(size, chunk);
+    p.mem.write_at(3 * MIB, &[7u8; 4096]).await.unwrap();
+    let cache = dir.path().join("c");
+    let m = plain(&cache, &p, opts(chunk, 4));
+    m.wait_complete().await;
+    let blocks = std::fs::metadata(&cache).unwrap().blocks() * 512;
+    assert!(
+        blocks <= 2 * MIB,
+        "{blocks} bytes allocated for one chunk of data in an 8 MiB region"
+    );
+    assert!(blocks >= 4096, "the chunk with data is not in the cache");
+    assert_eq!(read(&m, 3 * MIB, 4096).await.unwrap(), vec![7u8; 4096]);
+    // Chunk 3 becomes zeros at the source and is pulled again.
+    p.mem.trim(3 * MIB, MIB).await.unwrap();
+    m.hold().await;
+    m.mark_missing(&[3]).await.unwrap();
+    m.release().await;
+    assert_eq!(read(&m, 3 * MIB, 4096).await.unwrap(), vec![0u8; 4096]);
+    m.close().await;
+}

@@ -142,9 +142,18 @@ impl Inner {
         }
         {
             let _w = self.install_lock.lock().await;
-            self.cache
-                .write_all_at(buf, i * self.chunk)
-                .map_err(|e| format!("writing chunk {i} to the cache: {e}"))?;
+            let off = i * self.chunk;
+            if buf.iter().all(|&b| b == 0) {
+                // Never-written chunks arrive as zeros: a hole keeps the
+                // cache sparse (a fresh 1 GiB volume would otherwise fill
+                // 1 GiB of the node's disk) and reads back as zeros.
+                crate::backend::file::punch_hole(&self.cache, off, buf.len() as u64)
+                    .map_err(|e| format!("punching chunk {i} in the cache: {e}"))?;
+            } else {
+                self.cache
+                    .write_all_at(buf, off)
+                    .map_err(|e| format!("writing chunk {i} to the cache: {e}"))?;
+            }
         }
         let mut sh = self.shared.lock().unwrap();
         if !current(&sh) {
