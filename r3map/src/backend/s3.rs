@@ -343,24 +343,49 @@ impl S3 {
         &self.stripes[i as usize % STRIPES]
     }
 
-    /// Bytes `range` of chunk `i`, zeros when it has no object.
+    /// Bytes `range` of chunk `i`, zeros when it has no object. An object
+    /// may be shorter than the chunk (written before the region grew): the
+    /// bytes past its end read as zeros.
     async fn read_piece(&self, i: u64, range: Range<u64>, out: &mut [u8]) -> Result<()> {
-        match self.store.get_range(&self.key(i), range).await {
-            Ok(b) if b.len() == out.len() => {
-                out.copy_from_slice(&b);
-                Ok(())
+        let key = self.key(i);
+        let got = match self.store.get_range(&key, range.clone()).await {
+            Ok(b) => Some(b),
+            Err(object_store::Error::NotFound { .. }) => None,
+            // The range starts past the object's end (416): only a resize
+            // does that; read what the object has.
+            Err(e) if e.to_string().contains("416") || e.to_string().contains("InvalidRange") => {
+                match self.store.get(&key).await {
+                    Ok(r) => {
+                        let whole = r
+                            .bytes()
+                            .await
+                            .map_err(|e| s3_error(&format!("reading chunk {i}"), e))?;
+                        let start = (range.start as usize).min(whole.len());
+                        let end = (range.end as usize).min(whole.len());
+                        Some(whole.slice(start..end))
+                    }
+                    Err(object_store::Error::NotFound { .. }) => None,
+                    Err(e) => return Err(s3_error(&format!("reading chunk {i}"), e)),
+                }
             }
-            Ok(b) => Err(Error::io(format!(
-                "S3 chunk {i}: got {} bytes, asked for {}",
-                b.len(),
-                out.len()
-            ))),
-            Err(object_store::Error::NotFound { .. }) => {
-                out.fill(0);
-                Ok(())
+            Err(e) => return Err(s3_error(&format!("reading chunk {i}"), e)),
+        };
+        let n = match &got {
+            Some(b) if b.len() > out.len() => {
+                return Err(Error::io(format!(
+                    "S3 chunk {i}: got {} bytes, asked for {}",
+                    b.len(),
+                    out.len()
+                )))
             }
-            Err(e) => Err(s3_error(&format!("reading chunk {i}"), e)),
-        }
+            Some(b) => {
+                out[..b.len()].copy_from_slice(b);
+                b.len()
+            }
+            None => 0,
+        };
+        out[n..].fill(0);
+        Ok(())
     }
 
     async fn put_chunk(&self, i: u64, data: Bytes) -> Result<()> {
