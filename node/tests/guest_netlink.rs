@@ -9,33 +9,16 @@
 //! test asserts on the guest's markers. It never skips: without qemu or the
 //! kernel package it fails and says what is missing.
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+mod support;
+
+use support::{finding, require, root};
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// qemu's own timeout; the scenario takes ~60 s of guest time under TCG
 /// (30 s of it waiting for the block layer's default request timeout).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(420);
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn require(tool: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} is not installed: this test boots a qemu guest; run 'bash .ci/install-deps' (as root)"
-    );
-}
 
 /// Builds (or reuses) the guest image with the probe in it.
 fn prepare(probe: &str) {
@@ -55,70 +38,15 @@ fn prepare(probe: &str) {
     );
 }
 
-/// Boots the guest; returns (run.sh success, console).
+/// Boots the guest with the netlink scenario.
 fn boot(seed: u64) -> (bool, String) {
-    let mut child = Command::new("bash")
-        .arg(root().join("e2e/guest/run.sh"))
-        .arg("0")
-        .arg(seed.to_string())
-        .env("R3MAP_GUEST_TIMEOUT", GUEST_TIMEOUT.as_secs().to_string())
-        .env("R3MAP_GUEST_INITRAMFS", "initramfs-extra.gz")
-        .env("R3MAP_GUEST_APPEND", "r3map_scenario=netlink")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Own process group, so a timeout can end qemu along with run.sh.
-        .process_group(0)
-        .spawn()
-        .expect("spawn e2e/guest/run.sh");
-    let console = Arc::new(Mutex::new(String::new()));
-    let readers: Vec<_> = [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ]
-    .into_iter()
-    .map(|r| {
-        let console = console.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(r).split(b'\n').map_while(Result::ok) {
-                let line = String::from_utf8_lossy(&line).replace('\r', "");
-                let mut c = console.lock().unwrap();
-                c.push_str(&line);
-                c.push('\n');
-            }
-        })
-    })
-    .collect();
-    let deadline = Instant::now() + GUEST_TIMEOUT + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if Instant::now() > deadline {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    for r in readers {
-        let _ = r.join();
-    }
-    let console = console.lock().unwrap().clone();
-    (status.is_some_and(|s| s.success()), console)
-}
-
-/// The value of `key=` in the FINDING markers.
-fn finding<'a>(console: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("{key}=");
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("R3MAP-GUEST: FINDING "))
-        .flat_map(|l| l.split(' '))
-        .find_map(|kv| kv.strip_prefix(pat.as_str()))
+    support::boot(
+        0,
+        seed,
+        GUEST_TIMEOUT,
+        "initramfs-extra.gz",
+        "r3map_scenario=netlink",
+    )
 }
 
 fn secs(console: &str, key: &str) -> f64 {
