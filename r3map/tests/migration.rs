@@ -85,9 +85,6 @@ struct Source {
 }
 
 fn start_source(dir: &Path, tag: &str, backend: &str, size: u64, chunk: u64) -> Source {
-    let sock = dir.join(format!("{tag}.sock"));
-    let log = dir.join(format!("{tag}.log"));
-    let seed_port = free_port();
     let args = vec![
         s("serve"),
         s("--backend"),
@@ -96,13 +93,24 @@ fn start_source(dir: &Path, tag: &str, backend: &str, size: u64, chunk: u64) -> 
         s(size),
         s("--chunk-size"),
         s(chunk),
+    ];
+    start_seeded(dir, tag, "r3map serve (source)", args)
+}
+
+/// Runs `r3map ARGS --socket DIR/TAG.sock --seed-listen 127.0.0.1:PORT` and
+/// waits until both answer: a migration source, whatever serves it.
+fn start_seeded(dir: &Path, tag: &str, name: &str, mut args: Vec<String>) -> Source {
+    let sock = dir.join(format!("{tag}.sock"));
+    let log = dir.join(format!("{tag}.log"));
+    let seed_port = free_port();
+    args.extend([
         s("--socket"),
         s(sock.display()),
         s("--seed-listen"),
         format!("127.0.0.1:{seed_port}"),
-    ];
-    let mut proc = spawn("r3map serve (source)", &args, &log);
-    wait_until("the source", &mut proc, &log, || {
+    ]);
+    let mut proc = spawn(name, &args, &log);
+    wait_until(name, &mut proc, &log, || {
         UnixStream::connect(&sock).is_ok()
             && std::net::TcpStream::connect(("127.0.0.1", seed_port)).is_ok()
     });
@@ -1231,9 +1239,6 @@ fn start_mount_source(
     chunk: u64,
     durability: &str,
 ) -> Source {
-    let sock = dir.join(format!("{tag}.sock"));
-    let log = dir.join(format!("{tag}.log"));
-    let seed_port = free_port();
     let args = vec![
         s("mount"),
         s("--remote"),
@@ -1244,27 +1249,13 @@ fn start_mount_source(
         s(chunk),
         s("--cache"),
         s(dir.join(format!("{tag}.cache")).display()),
-        s("--socket"),
-        s(sock.display()),
         s("--durability"),
         s(durability),
         // A busy push loop: it runs all through the migration.
         s("--push-interval"),
         s("30ms"),
-        s("--seed-listen"),
-        format!("127.0.0.1:{seed_port}"),
     ];
-    let mut proc = spawn("r3map mount (source)", &args, &log);
-    wait_until("the mount", &mut proc, &log, || {
-        UnixStream::connect(&sock).is_ok()
-            && std::net::TcpStream::connect(("127.0.0.1", seed_port)).is_ok()
-    });
-    Source {
-        proc,
-        sock,
-        seed_port,
-        log,
-    }
+    start_seeded(dir, tag, "r3map mount (source)", args)
 }
 
 /// The region as the store holds it, read through a read-only export.
