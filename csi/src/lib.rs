@@ -8,6 +8,7 @@ pub mod capabilities;
 pub mod endpoint;
 pub mod error;
 pub mod inflight;
+pub mod migration;
 pub mod params;
 pub mod secrets;
 pub mod trace;
@@ -20,6 +21,13 @@ pub mod validate;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("csi.v1");
+}
+
+/// Generated from proto/r3map_node.proto (package `r3map.node.v1`): the
+/// node plugins' migration control service.
+#[allow(clippy::all, missing_docs)]
+pub mod nodepb {
+    tonic::include_proto!("r3map.node.v1");
 }
 
 pub use error::{CsiError, CsiResult};

@@ -118,22 +118,47 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Client side: adds `authorization: Bearer TOKEN` to every call.
+/// Metadata key naming the volume a call is for, on servers that serve
+/// several volumes' migration services behind one address (the CSI node
+/// plugin).
+pub const VOLUME_HEADER: &str = "r3map-volume";
+
+/// Client side: adds `authorization: Bearer TOKEN` to every call, and the
+/// volume ([`VOLUME_HEADER`]) when one is set.
 #[derive(Clone, Default)]
-pub struct ClientAuth(Option<MetadataValue<Ascii>>);
+pub struct ClientAuth {
+    token: Option<MetadataValue<Ascii>>,
+    volume: Option<MetadataValue<Ascii>>,
+}
 
 impl ClientAuth {
     /// Sends `token`; `None` sends nothing.
     pub fn new(token: Option<&Token>) -> Self {
-        // A Token is printable ASCII, which is always valid metadata.
-        ClientAuth(token.map(|t| t.header().parse().expect("token is valid metadata")))
+        ClientAuth {
+            // A Token is printable ASCII, which is always valid metadata.
+            token: token.map(|t| t.header().parse().expect("token is valid metadata")),
+            volume: None,
+        }
+    }
+
+    /// Also names `volume` in every call; refused unless it is valid
+    /// metadata (visible ASCII).
+    pub fn with_volume(mut self, volume: &str) -> Result<Self, AuthError> {
+        let v = volume
+            .parse()
+            .map_err(|_| AuthError::Config(format!("volume {volume:?} is not valid metadata")))?;
+        self.volume = Some(v);
+        Ok(self)
     }
 }
 
 impl Interceptor for ClientAuth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
+        if let Some(v) = &self.token {
             req.metadata_mut().insert("authorization", v.clone());
+        }
+        if let Some(v) = &self.volume {
+            req.metadata_mut().insert(VOLUME_HEADER, v.clone());
         }
         Ok(req)
     }

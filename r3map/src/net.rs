@@ -143,6 +143,25 @@ pub async fn connect(
     tls: Option<&ClientTls>,
     keepalive: Keepalive,
 ) -> Result<AuthedChannel, NetError> {
+    connect_volume(ep, token, tls, keepalive, None).await
+}
+
+/// [`connect`], naming `volume` in every call (the
+/// [`crate::auth::VOLUME_HEADER`] metadata) for servers that serve several
+/// volumes behind one address.
+pub async fn connect_volume(
+    ep: &Endpoint,
+    token: Option<&Token>,
+    tls: Option<&ClientTls>,
+    keepalive: Keepalive,
+    volume: Option<&str>,
+) -> Result<AuthedChannel, NetError> {
+    let mut auth = ClientAuth::new(token);
+    if let Some(v) = volume {
+        auth = auth
+            .with_volume(v)
+            .map_err(|e| NetError::Config(e.to_string()))?;
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     let uri = match ep {
         Endpoint::Tcp(a) => format!("{scheme}://{a}"),
@@ -187,7 +206,7 @@ pub async fn connect(
             .map_err(wrap)?
         }
     };
-    Ok(InterceptedService::new(ch, ClientAuth::new(token)))
+    Ok(InterceptedService::new(ch, auth))
 }
 
 /// A bound listener for a gRPC server.

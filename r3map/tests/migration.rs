@@ -1590,6 +1590,7 @@ async fn abandoned_destination_frees_its_mount() {
         owner: None,
         patience: Duration::from_secs(5),
         pull_workers: 2,
+        volume: None,
     })
     .await
     .unwrap();

@@ -170,6 +170,7 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
         owner: a.owner.clone(),
         patience: a.seed_timeout,
         pull_workers: a.pull_workers,
+        volume: None,
     })
     .await?;
 

@@ -46,6 +46,9 @@ pub struct Config {
     pub patience: Duration,
     /// Background pull workers.
     pub pull_workers: usize,
+    /// The volume to ask for when the seed's server serves several (sent
+    /// as [`crate::auth::VOLUME_HEADER`] with every call).
+    pub volume: Option<String>,
 }
 
 /// What happened to the migration, for status and the process exit code.
@@ -189,14 +192,15 @@ impl Leech {
             }
         }
         let (token, tls) = (cfg.token.as_ref(), cfg.tls.as_ref());
-        let ch = net::connect(&cfg.from, token, tls, Keepalive::MIGRATION)
+        let vol = cfg.volume.as_deref();
+        let ch = net::connect_volume(&cfg.from, token, tls, Keepalive::MIGRATION, vol)
             .await
             .map_err(leech_err)?;
         // Control calls get their own connection: on the data connection
         // Finalize's reply would queue behind megabytes of chunk data in
         // the HTTP/2 window, and that wait is downtime.
         let control = pb::seed_client::SeedClient::new(
-            net::connect(&cfg.from, token, tls, Keepalive::MIGRATION)
+            net::connect_volume(&cfg.from, token, tls, Keepalive::MIGRATION, vol)
                 .await
                 .map_err(leech_err)?,
         );

@@ -99,6 +99,30 @@ impl Volume {
         })
     }
 
+    /// A volume over a managed mount opened elsewhere (a migration
+    /// destination's, [`crate::migration::Leech::managed`]): served like
+    /// any managed volume, and a migration source in turn, whose finalize
+    /// seals that mount. `record` is where the source keeps its finalize
+    /// answer (not the leech's own record path).
+    pub async fn over_managed(
+        name: impl Into<String>,
+        managed: Arc<Managed>,
+        chunk_size: u64,
+        record: Option<std::path::PathBuf>,
+    ) -> Result<Volume> {
+        let name = name.into();
+        let served: Arc<dyn Backend> = managed.clone();
+        let source = Source::open(served, chunk_size, Some(managed.clone()), record).await?;
+        let export = Export::new(name.clone(), source.backend());
+        Ok(Volume {
+            name,
+            server: Server::single(export.clone()),
+            export,
+            managed: Some(managed),
+            source,
+        })
+    }
+
     /// The volume's migration source: serve `Seed` over it to let a
     /// destination pull this volume (see [`crate::migration`]).
     pub fn source(&self) -> &Arc<Source> {
