@@ -12,6 +12,7 @@ use csi::pb::node_server::NodeServer;
 use r3map::auth::ClientTls;
 use r3map::remote::client::ConnectOptions;
 use r3map_csi_node::plugin::identity::IdentityService;
+use r3map_csi_node::plugin::migrate::{MigrationConfig, MigrationListener};
 use r3map_csi_node::plugin::node::{Config, NodeService};
 
 /// Command line.
@@ -54,6 +55,19 @@ struct Args {
     /// Socketpairs (kernel connections) per device
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     connections: u16,
+    /// Address of the migration service (other nodes pull volumes from
+    /// here; the controller finalizes migrations): mutual TLS unless on
+    /// loopback. Absent: no migration, unstaged volumes close at once
+    #[arg(long, value_name = "HOST:PORT")]
+    migration_listen: Option<String>,
+    #[command(flatten)]
+    migration_auth: csi::migration::PeerAuthArgs,
+    /// How long an unstaged volume's region is kept for the next node
+    #[arg(long, default_value = "5m", value_parser = r3map::cli::duration)]
+    retain_for: Duration,
+    /// How long reads from a migration source are retried before it counts as lost
+    #[arg(long, default_value = "30s", value_parser = r3map::cli::duration)]
+    migration_patience: Duration,
     /// Testing only: hold each mutating call's volume guard this long
     #[arg(long, hide = true, default_value_t = 0)]
     test_hold_ms: u64,
@@ -91,7 +105,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         region,
         connections: usize::from(a.connections),
         hold: Duration::from_millis(a.test_hold_ms),
+        migration: a.migration_listen.as_ref().map(|l| MigrationConfig {
+            listen: l.clone(),
+            auth: a.migration_auth.get(),
+            retain_for: a.retain_for,
+            patience: a.migration_patience,
+        }),
     })?);
+    let stop_bg = tokio_util::sync::CancellationToken::new();
+    // Bound before recovery: kept regions are served to their next node
+    // as soon as they are reopened.
+    let migration = match &node.config().migration {
+        Some(m) => {
+            let l = MigrationListener::bind(m).await?;
+            println!("r3map-csi-node: migration service on {}", l.local_addr());
+            tracing::info!(addr = %l.local_addr(), "migration service");
+            Some(l)
+        }
+        None => None,
+    };
     // Before serving: the devices of recorded volumes wait (I/O paused, up
     // to the dead-connection timeout) for exactly this.
     for line in node.recover().await {
@@ -99,6 +131,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("r3map-csi-node: {line}");
         tracing::info!("{line}");
     }
+    if let Some(l) = migration {
+        let n = node.clone();
+        let stop = stop_bg.clone();
+        tokio::spawn(async move {
+            if let Err(e) = l.serve(n, stop.cancelled_owned()).await {
+                tracing::error!("migration service: {e}");
+            }
+        });
+    }
+    node.spawn_housekeeping(stop_bg.clone());
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService {
             name: a.drivername.clone(),
@@ -116,5 +158,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!("signalled; stopping, volumes stay attached");
     };
     csi::endpoint::serve(router, &a.endpoint, stop).await?;
+    stop_bg.cancel();
     Ok(())
 }

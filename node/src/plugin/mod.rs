@@ -5,5 +5,6 @@
 
 pub mod attach;
 pub mod identity;
+pub mod migrate;
 pub mod node;
 pub mod state;

@@ -24,11 +24,14 @@ use tokio::sync::Mutex;
 use tonic::{Code, Request, Response, Status};
 
 use super::attach::{self, Supervisor};
+use super::migrate::{self, MigrationConfig, Registry};
 use super::state::{StateDir, VolumeRecord, VERSION};
 use crate::device::sysfs::NbdSysfs;
 use crate::device::{
     ClientFlags, ConnectConfig, ReconfigureConfig, NODE_DEAD_CONN_TIMEOUT, NODE_IO_TIMEOUT,
 };
+use csi::migration::MigrateFrom;
+use r3map::migration::Leech;
 
 /// volume_context key of the region id (the controller's `regionId`).
 pub const CTX_REGION: &str = "regionId";
@@ -62,6 +65,19 @@ pub struct Config {
     pub connections: usize,
     /// Testing only: hold each mutating call's volume guard this long.
     pub hold: Duration,
+    /// Migration between nodes; None: every stage starts from the region
+    /// service and an unstaged volume is closed at once.
+    pub migration: Option<MigrationConfig>,
+}
+
+mod peer;
+
+/// What [`NodeService::teardown`] did with the volume.
+enum Teardown {
+    /// Kept for the next node (no device).
+    Keep,
+    /// Closed.
+    Closed,
 }
 
 /// One staged volume held by this process.
@@ -74,6 +90,10 @@ struct Staged {
     /// Keeps the device's connections served while staged.
     sup: Option<Supervisor>,
     broken: Option<String>,
+    /// Pulls the volume from another node (a migration target).
+    leech: Option<Arc<Leech>>,
+    /// When this node's part in a migration started.
+    started: Option<Instant>,
 }
 
 /// The Node service.
@@ -81,7 +101,9 @@ pub struct NodeService {
     cfg: Config,
     dir: StateDir,
     inflight: InFlight,
-    staged: Mutex<HashMap<String, Staged>>,
+    staged: Arc<Mutex<HashMap<String, Staged>>>,
+    /// What the migration server routes to.
+    reg: Arc<Registry>,
 }
 
 /// The one conversion of a result to a gRPC answer.
@@ -108,7 +130,11 @@ fn push_param(q: &mut Vec<String>, key: &str, value: &str) -> CsiResult<()> {
 
 /// `r3map://ADDR/REGION?...` for `opts`, plus `extra` (`fence=` or
 /// `epoch=`).
-pub fn backend_uri(opts: &ConnectOptions, region: &str, extra: (&str, &str)) -> CsiResult<String> {
+pub fn backend_uri(
+    opts: &ConnectOptions,
+    region: &str,
+    extra: Option<(&str, &str)>,
+) -> CsiResult<String> {
     let mut q = Vec::new();
     let s = |p: &Path| p.to_string_lossy().to_string();
     if let Some(t) = &opts.token_file {
@@ -126,7 +152,9 @@ pub fn backend_uri(opts: &ConnectOptions, region: &str, extra: (&str, &str)) -> 
             push_param(&mut q, "tls-name", n)?;
         }
     }
-    push_param(&mut q, extra.0, extra.1)?;
+    if let Some((k, v)) = extra {
+        push_param(&mut q, k, v)?;
+    }
     Ok(format!("r3map://{}/{region}?{}", opts.addr, q.join("&")))
 }
 
@@ -208,8 +236,19 @@ impl NodeService {
             cfg,
             dir,
             inflight: InFlight::new(),
-            staged: Mutex::new(HashMap::new()),
+            staged: Arc::new(Mutex::new(HashMap::new())),
+            reg: Arc::new(Registry::default()),
         })
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The volumes the migration server routes to.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.reg.clone()
     }
 
     async fn hold(&self) {
@@ -340,9 +379,25 @@ impl NodeService {
         r3map::remote::check_id(&region)
             .map_err(|e| CsiError::InvalidArgument(format!("{CTX_REGION} {region:?}: {e}")))?;
         let creds = Credentials::from_secrets(&r.secrets)?;
+        let from = MigrateFrom::from_context(&r.publish_context)?;
         let id = r.volume_id.clone();
         let _g = self.inflight.try_lock(&id)?;
         self.hold().await;
+
+        // A region this node kept after unstaging it is staged again from
+        // what is here: no copy at all.
+        let retained = {
+            let mut staged = self.staged.lock().await;
+            match staged.get(&id) {
+                Some(s) if s.rec.retained_until.is_some() => staged.remove(&id),
+                _ => None,
+            }
+        };
+        if let Some(s) = retained {
+            if self.restage_retained(s, &r, &region, &params).await? {
+                return Ok(NodeStageVolumeResponse {});
+            }
+        }
 
         if let Some(s) = self.staged.lock().await.get(&id) {
             if let Some(why) = &s.broken {
@@ -378,22 +433,13 @@ impl NodeService {
         // the region over from its current writer.
         attach::netlink(|nl| Ok(nl.family())).await?;
 
-        // A fresh stage starts from an empty cache: a leftover one may hold
-        // chunks older than what another node wrote since.
-        let cache_dir = self.cache_dir(&id);
-        remove_dir(&cache_dir)?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&cache_dir)
-            .map_err(|e| internal("creating", &cache_dir, e))?;
-        let mut rec = VolumeRecord {
+        let rec = VolumeRecord {
             version: VERSION,
             volume_id: id.clone(),
             region: region.clone(),
             device_index: None,
             identifier: id.clone(),
-            cache_path: cache_dir.join("disk"),
+            cache_path: self.cache_dir(&id).join("disk"),
             epoch: 0,
             size: reg.size,
             connections: self.cfg.connections.max(1),
@@ -401,8 +447,35 @@ impl NodeService {
             params: params.to_context(),
             creds_dir,
             published: Default::default(),
+            migrate_from: None,
+            retained_until: None,
         };
-        let uri = backend_uri(&opts, &region, ("fence", &self.cfg.node_id))?;
+        if let Some(from) = from.filter(|f| f.node != self.cfg.node_id) {
+            if self.stage_from_peer(rec.clone(), &opts, &from).await? {
+                return Ok(NodeStageVolumeResponse {});
+            }
+        }
+        self.stage_fresh(rec, &opts).await?;
+        Ok(NodeStageVolumeResponse {})
+    }
+
+    /// A fresh cache directory for `id` (a leftover one may hold chunks
+    /// older than what another node wrote since).
+    fn fresh_cache(&self, id: &str) -> CsiResult<()> {
+        let cache_dir = self.cache_dir(id);
+        remove_dir(&cache_dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cache_dir)
+            .map_err(|e| internal("creating", &cache_dir, e))
+    }
+
+    /// Stages from the region service, taking the region over (fence).
+    async fn stage_fresh(&self, mut rec: VolumeRecord, opts: &ConnectOptions) -> CsiResult<()> {
+        let id = rec.volume_id.clone();
+        self.fresh_cache(&id)?;
+        let uri = backend_uri(opts, &rec.region, Some(("fence", &self.cfg.node_id)))?;
         let vol = Volume::open(self.spec(&rec, uri)?)
             .await
             .map_err(|e| CsiError::from(e).context(&format!("staging {id}")))?;
@@ -416,28 +489,48 @@ impl NodeService {
         match self.attach_new(&vol, &mut rec).await {
             Ok(conns) => {
                 tracing::info!(volume = %id, index = ?rec.device_index, epoch = rec.epoch, "staged");
-                let vol = Arc::new(vol);
-                let sup = rec
-                    .device_index
-                    .map(|i| Supervisor::start(vol.clone(), i, rec.identifier.clone(), conns));
-                self.staged.lock().await.insert(
-                    id,
-                    Staged {
-                        rec,
-                        vol: Some(vol),
-                        sup,
-                        broken: None,
-                    },
-                );
-                Ok(NodeStageVolumeResponse {})
+                self.install(rec, Arc::new(vol), conns, None).await;
+                Ok(())
             }
             Err(e) => {
                 let _ = vol.close(Instant::now() + CLOSE_TIMEOUT).await;
                 let _ = self.dir.remove(&id);
-                let _ = remove_dir(&cache_dir);
+                let _ = remove_dir(&self.cache_dir(&id));
                 Err(e)
             }
         }
+    }
+
+    /// Keeps a staged volume: its device's connections served, its region
+    /// reachable by migration targets, and (for a target) its leech
+    /// watched until every chunk is here.
+    async fn install(
+        &self,
+        rec: VolumeRecord,
+        vol: Arc<Volume>,
+        conns: Vec<KernelConn>,
+        leech: Option<Arc<Leech>>,
+    ) {
+        let id = rec.volume_id.clone();
+        let sup = rec
+            .device_index
+            .map(|i| Supervisor::start(vol.clone(), i, rec.identifier.clone(), conns));
+        self.reg.insert_volume(&id, vol.clone());
+        if let Some(l) = &leech {
+            self.reg.insert_leech(&id, l.clone());
+            self.watch_leech(&id, l.clone());
+        }
+        self.staged.lock().await.insert(
+            id,
+            Staged {
+                started: leech.as_ref().map(|_| Instant::now()),
+                rec,
+                vol: Some(vol),
+                sup,
+                broken: None,
+                leech,
+            },
+        );
     }
 
     async fn attach_new(&self, vol: &Volume, rec: &mut VolumeRecord) -> CsiResult<Vec<KernelConn>> {
@@ -488,6 +581,18 @@ impl NodeService {
                 }
             };
             let this = self.clone();
+            if rec.retained_until.is_some() {
+                // Kept for the next node, no device: reachable again.
+                let id = rec.volume_id.clone();
+                match this.recover_retained(rec).await {
+                    Ok(()) => report.push(format!("kept {id} for the next node")),
+                    Err(e) => {
+                        tracing::error!(volume = %id, "a kept region could not be reopened: {e}");
+                        report.push(format!("dropped kept {id}: {e}"));
+                    }
+                }
+                continue;
+            }
             tasks.spawn(async move {
                 let r = this.reattach_retrying(&rec).await;
                 (rec, r)
@@ -505,6 +610,13 @@ impl NodeService {
                         "reattached {id} nbd{}",
                         s.rec.device_index.unwrap_or(u32::MAX)
                     ));
+                    if let Some(v) = &s.vol {
+                        self.reg.insert_volume(&id, v.clone());
+                    }
+                    if let Some(l) = &s.leech {
+                        self.reg.insert_leech(&id, l.clone());
+                        self.watch_leech(&id, l.clone());
+                    }
                     self.staged.lock().await.insert(id, s);
                 }
                 Ok(None) => report.push(format!("dropped {id}: it was never attached")),
@@ -518,6 +630,8 @@ impl NodeService {
                             vol: None,
                             sup: None,
                             broken: Some(e.to_string()),
+                            leech: None,
+                            started: None,
                         },
                     );
                 }
@@ -546,7 +660,7 @@ impl NodeService {
 
     async fn reopen(&self, rec: &VolumeRecord) -> CsiResult<Volume> {
         let opts = self.options_of(rec);
-        let uri = backend_uri(&opts, &rec.region, ("epoch", &rec.epoch.to_string()))?;
+        let uri = backend_uri(&opts, &rec.region, Some(("epoch", &rec.epoch.to_string())))?;
         Volume::open(self.spec(rec, uri)?)
             .await
             .map_err(|e| CsiError::from(e).context(&format!("reopening {}", rec.volume_id)))
@@ -601,8 +715,12 @@ impl NodeService {
                 "nbd{index} is not configured any more"
             )));
         }
-        self.check_fence(&rec).await?;
-        let vol = self.reopen(&rec).await?;
+        // A target before its pull completed does not hold the region
+        // yet (or holds it through the leech's record): no fence check.
+        if rec.migrate_from.is_none() {
+            self.check_fence(&rec).await?;
+        }
+        let (vol, leech) = self.open_recorded(&rec).await?;
         let (kernel, ours) = attach::pairs(rec.connections)?;
         let cfg = ReconfigureConfig {
             identifier: Some(rec.identifier.clone()),
@@ -623,10 +741,12 @@ impl NodeService {
         let vol = Arc::new(vol);
         let sup = Supervisor::start(vol.clone(), index, rec.identifier.clone(), conns);
         Ok(Some(Staged {
+            started: leech.as_ref().map(|_| Instant::now()),
             rec,
             vol: Some(vol),
             sup: Some(sup),
             broken: None,
+            leech,
         }))
     }
 
@@ -643,6 +763,11 @@ impl NodeService {
             self.check_exists(&id).await?;
             return Ok(NodeUnstageVolumeResponse {});
         };
+        if s.rec.retained_until.is_some() {
+            // Unstaged before; the region is only kept for the next node.
+            self.staged.lock().await.insert(id, s);
+            return Ok(NodeUnstageVolumeResponse {});
+        }
         let still: Vec<_> = s
             .rec
             .published
@@ -659,7 +784,11 @@ impl NodeService {
             return Err(e);
         }
         match self.teardown(&mut s).await {
-            Ok(()) => {
+            Ok(Teardown::Keep) => {
+                self.retain(s).await?;
+                Ok(NodeUnstageVolumeResponse {})
+            }
+            Ok(Teardown::Closed) => {
                 self.dir.remove(&id)?;
                 remove_dir(&self.cache_dir(&id))?;
                 remove_dir(&self.creds_dir(&id))?;
@@ -675,8 +804,20 @@ impl NodeService {
         }
     }
 
-    /// Flush, DISCONNECT, then close the volume (push and flush).
-    async fn teardown(&self, s: &mut Staged) -> CsiResult<()> {
+    /// Flush, DISCONNECT; then either keep the volume for the next node
+    /// (migration on, a region worth handing over) or close it (push and
+    /// flush). A target that was never finalized gives its pull up first
+    /// (its device is held: a flush would wait for a finalize that will
+    /// not come), and its source serves on.
+    async fn teardown(&self, s: &mut Staged) -> CsiResult<Teardown> {
+        let id = s.rec.volume_id.clone();
+        let rollback = s.leech.as_ref().filter(|l| !l.status().finalized).cloned();
+        if let Some(l) = &rollback {
+            l.abort()
+                .await
+                .map_err(|e| CsiError::from(e).context(&format!("giving up the pull of {id}")))?;
+            tracing::info!(volume = %id, "unstaged before finalize: migration rolled back, the source serves on");
+        }
         if let Some(index) = s.rec.device_index {
             let ours = s
                 .rec
@@ -688,7 +829,9 @@ impl NodeService {
                 if let Some(sup) = &s.sup {
                     // A connection ending from here on is the DISCONNECT.
                     sup.stop_replacing();
-                    attach::flush_device(index, Duration::from_secs(60)).await?;
+                    if rollback.is_none() {
+                        attach::flush_device(index, Duration::from_secs(60)).await?;
+                    }
                 }
                 attach::disconnect(index).await?;
             }
@@ -696,14 +839,40 @@ impl NodeService {
         if let Some(sup) = s.sup.take() {
             sup.finish(Duration::from_secs(30)).await;
         }
+        if rollback.is_some() {
+            // Its mount was closed by the abort, its files removed.
+            self.reg.remove_volume(&id);
+            self.reg.remove_leech(&id);
+            s.vol = None;
+            s.leech = None;
+            return Ok(Teardown::Closed);
+        }
+        let fenced = s
+            .vol
+            .as_ref()
+            .and_then(|v| v.managed())
+            .is_some_and(|m| m.fenced().is_some());
+        let handed_over = s
+            .vol
+            .as_ref()
+            .is_some_and(|v| v.source().status().finalized);
+        if self.cfg.migration.is_some() && s.vol.is_some() && !fenced && !handed_over {
+            s.rec.device_index = None;
+            return Ok(Teardown::Keep);
+        }
+        self.reg.remove_volume(&id);
+        self.reg.remove_leech(&id);
+        s.leech = None;
+        self.close_volume(s).await?;
+        Ok(Teardown::Closed)
+    }
+
+    /// Closes the volume of `s` (push and flush), or, with none open since
+    /// a restart, reopens it to push what its cache holds.
+    async fn close_volume(&self, s: &mut Staged) -> CsiResult<()> {
         let vol = match s.vol.take() {
-            // The supervisor held the only other reference, and it ended.
-            Some(v) => Arc::try_unwrap(v).map_err(|_| {
-                CsiError::Internal(format!(
-                    "volume {} is still in use after DISCONNECT",
-                    s.rec.volume_id
-                ))
-            })?,
+            // Seed calls in flight hold a clone for a moment.
+            Some(v) => migrate::take_unique(v, Duration::from_secs(30)).await?,
             None => {
                 // Nothing served since the restart. A node that was fenced
                 // off has nothing to push: the region belongs to a newer
@@ -722,13 +891,19 @@ impl NodeService {
             }
         };
         let fenced = vol.managed().and_then(|m| m.fenced());
+        let handed_over = vol.source().status().finalized;
         match vol.close(Instant::now() + CLOSE_TIMEOUT).await {
             Ok(()) => Ok(()),
-            Err(e) if fenced.is_some() || e.kind() == r3map::ErrorKind::Fenced => {
-                // Fenced while staged (another node staged the volume): its
-                // writes belong to nobody now; keeping the record would
-                // only make every later unstage fail.
-                tracing::warn!(volume = %s.rec.volume_id, "closed a fenced volume; unpushed writes dropped: {e}");
+            Err(e) if fenced.is_some() || handed_over || e.kind() == r3map::ErrorKind::Fenced => {
+                // Fenced while staged (another node staged the volume), or
+                // handed over: its writes belong to the new writer now;
+                // keeping the record would only make every later unstage
+                // fail.
+                tracing::warn!(volume = %s.rec.volume_id, "closed a fenced or handed-over volume; unpushed writes are the new writer's: {e}");
+                Ok(())
+            }
+            Err(e) if e.kind() == r3map::ErrorKind::NotFound => {
+                tracing::warn!(volume = %s.rec.volume_id, "the region is gone (deleted); nothing to push: {e}");
                 Ok(())
             }
             Err(e) => Err(CsiError::from(e).context(&format!("closing {}", s.rec.volume_id))),
@@ -751,9 +926,12 @@ impl NodeService {
         let _g = self.inflight.try_lock(&id)?;
         self.hold().await;
         let mut staged = self.staged.lock().await;
-        let s = staged.get_mut(&id).ok_or_else(|| {
-            CsiError::FailedPrecondition(format!("volume {id:?} is not staged on this node"))
-        })?;
+        let s = staged
+            .get_mut(&id)
+            .filter(|s| s.rec.retained_until.is_none())
+            .ok_or_else(|| {
+                CsiError::FailedPrecondition(format!("volume {id:?} is not staged on this node"))
+            })?;
         if let Some(why) = &s.broken {
             return Err(CsiError::FailedPrecondition(format!(
                 "volume {id:?} cannot be published: {why}"
@@ -928,9 +1106,12 @@ impl NodeService {
         path: &str,
     ) -> CsiResult<(VolumeRecord, Option<String>, Option<String>)> {
         let staged = self.staged.lock().await;
-        let s = staged.get(id).ok_or_else(|| {
-            CsiError::NotFound(format!("volume {id:?} is not staged on this node"))
-        })?;
+        let s = staged
+            .get(id)
+            .filter(|s| s.rec.retained_until.is_none())
+            .ok_or_else(|| {
+                CsiError::NotFound(format!("volume {id:?} is not staged on this node"))
+            })?;
         if s.rec.staging_path != path && !s.rec.published.contains_key(path) {
             return Err(CsiError::NotFound(format!(
                 "volume {id:?} is neither staged nor published at {path:?}"
@@ -1084,19 +1265,19 @@ mod tests {
             key: None,
             server_name: Some("localhost".into()),
         });
-        let u = backend_uri(&o, "csi-a", ("fence", "node-1")).unwrap();
+        let u = backend_uri(&o, "csi-a", Some(("fence", "node-1"))).unwrap();
         assert_eq!(
             u,
             "r3map://10.0.2.2:7000/csi-a?token-file=/state/tok&ca=/state/ca.crt&tls-name=localhost&fence=node-1"
         );
         r3map::remote::client::RemoteUri::parse(&u).unwrap();
-        let u = backend_uri(&o, "csi-a", ("epoch", "4")).unwrap();
+        let u = backend_uri(&o, "csi-a", Some(("epoch", "4"))).unwrap();
         assert_eq!(
             r3map::remote::client::RemoteUri::parse(&u).unwrap().epoch,
             Some(4)
         );
         o.token_file = Some("/a&b".into());
-        let e = backend_uri(&o, "csi-a", ("epoch", "4")).unwrap_err();
+        let e = backend_uri(&o, "csi-a", Some(("epoch", "4"))).unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
     }
 }

@@ -50,6 +50,27 @@ pub struct VolumeRecord {
     /// Target path -> published read-only.
     #[serde(default)]
     pub published: BTreeMap<String, bool>,
+    /// While this node pulls the volume from another node (a migration
+    /// target before every chunk is here): where from. A restarted plugin
+    /// resumes the pull from the record beside the cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate_from: Option<PeerSource>,
+    /// Unstaged, but the region is kept here (no device) so that the next
+    /// node can take it over without a round trip through the region
+    /// service; closed at this time (unix seconds) unless released first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_until: Option<u64>,
+}
+
+/// The node a migration target pulls from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSource {
+    /// Its migration service, HOST:PORT.
+    pub endpoint: String,
+    /// Its node id.
+    pub node: String,
+    /// Live (the source writes until finalize) or a hand-over.
+    pub live: bool,
 }
 
 /// The directory of records.
@@ -157,6 +178,8 @@ mod tests {
             params: BTreeMap::from([("chunkSize".into(), "1048576".into())]),
             creds_dir: None,
             published: BTreeMap::from([("/var/lib/kubelet/pods/p/dev".into(), false)]),
+            migrate_from: None,
+            retained_until: None,
         }
     }
 
