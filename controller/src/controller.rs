@@ -23,6 +23,7 @@ use csi::{Credentials, CsiError, CsiResult, InFlight, Params};
 use tonic::{Code, Request, Response, Status};
 
 use crate::leader::Leader;
+use crate::migrate::{self, Peers, UnpublishStep};
 use crate::records::Records;
 use crate::region::{region_id, Regions, ID_PREFIX};
 use crate::state::VolumeRecord;
@@ -41,6 +42,7 @@ pub struct ControllerService {
     inflight: InFlight,
     max_size: u64,
     hold: Duration,
+    peers: Option<Arc<Peers>>,
 }
 
 /// The one conversion of a result to a gRPC answer (tonic's signatures
@@ -72,7 +74,15 @@ impl ControllerService {
             inflight: InFlight::new(),
             max_size,
             hold,
+            peers: None,
         })
+    }
+
+    /// Migrates volumes between nodes through `peers` (without, a
+    /// volume moves by closing it on the old node and staging it anew).
+    pub fn with_peers(mut self, peers: Arc<Peers>) -> Self {
+        self.peers = Some(peers);
+        self
     }
 
     async fn hold(&self) {
@@ -219,6 +229,7 @@ impl ControllerService {
                 .first()
                 .and_then(capabilities::mode)
                 .map(|m| m.as_str_name().to_string()),
+            ..VolumeRecord::default()
         };
         // Kept when a record appeared meanwhile (another replica that led
         // before): the region is the same, so is the record.
@@ -247,6 +258,13 @@ impl ControllerService {
                     "volume {id:?} is still published to {}",
                     rec.published.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
+            }
+        }
+        // The node that wrote it last may keep it for a next node: no
+        // longer needed (best effort: it closes it at its deadline anyway).
+        if let (Some(owner), Some(p)) = (rec.as_ref().and_then(|r| r.owner.clone()), &self.peers) {
+            if let Err(e) = p.release(&owner, &id).await {
+                tracing::debug!(volume = %id, %owner, "release before delete: {e}");
             }
         }
         // A region of ours left unrecorded by a crash is deleted too; an id
@@ -278,41 +296,69 @@ impl ControllerService {
             .ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
         capabilities::check_one(cap).map_err(CsiError::InvalidArgument)?;
         let mode = capabilities::mode(cap).unwrap_or(Mode::Unknown);
+        let single = capabilities::is_single_node(mode);
         let id = r.volume_id;
         self.must_lead()?;
         let _g = self.inflight.try_lock(&id)?;
         self.hold().await;
         let rec = self.need_record(&id).await?;
-        match rec.published.get(&r.node_id) {
-            Some(&ro) if ro == r.readonly => {}
-            Some(_) => {
-                return Err(CsiError::AlreadyExists(format!(
-                    "volume {id:?} is published to node {:?} with readonly={}",
-                    r.node_id, !r.readonly
-                )))
-            }
-            None => {
-                if capabilities::is_single_node(mode) && !rec.published.is_empty() {
-                    return Err(CsiError::FailedPrecondition(format!(
-                        "volume {id:?} ({}) is published to node {}; unpublish it there first",
-                        mode.as_str_name(),
-                        rec.published.keys().cloned().collect::<Vec<_>>().join(", ")
-                    )));
+        let (node, ro) = (r.node_id.clone(), r.readonly);
+        let want = migrate::on_publish(&rec, &id, &node, ro, single)?;
+        let mut ctx: std::collections::HashMap<String, String> =
+            [(CTX_REGION.to_string(), id.clone())].into();
+        // A migration to this node needs the source's address; a hand-over
+        // without one stages from the region service instead (the old node
+        // flushed at unstage), a live one cannot go on.
+        let mut plain = false;
+        if let Some(m) = want.migration.as_ref().filter(|m| m.target == node) {
+            let ep = match &self.peers {
+                Some(p) => p.endpoint(&m.source).await?,
+                None => None,
+            };
+            match ep {
+                Some(ep) => {
+                    if let Some(f) = migrate::migrate_from(&want, &node, &ep) {
+                        f.to_context(&mut ctx);
+                    }
                 }
-                let (node, ro) = (r.node_id.clone(), r.readonly);
-                self.records
-                    .update(&id, &|cur| {
-                        cur.cloned().map(|mut v| {
-                            v.published.insert(node.clone(), ro);
-                            v
-                        })
-                    })
-                    .await?;
-                tracing::info!(volume = %id, node = %r.node_id, "published");
+                None if m.live => {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "volume {id:?} is attached to node {}: a second node is a live migration, \
+                         and the migration endpoint of node {} is unknown (--node-endpoint, --node-migration-port)",
+                        m.source, m.source
+                    )))
+                }
+                None => plain = true,
             }
         }
+        let written = self
+            .records
+            .update(&id, &|cur| {
+                let c = cur?;
+                let mut next =
+                    migrate::on_publish(c, &id, &node, ro, single).unwrap_or_else(|_| c.clone());
+                if plain && next.migration.as_ref().is_some_and(|m| m.target == node) {
+                    next.migration = None;
+                }
+                Some(next)
+            })
+            .await?
+            .ok_or_else(|| CsiError::NotFound(format!("volume {id:?} does not exist")))?;
+        if written.published.get(&node) != Some(&ro) {
+            return Err(CsiError::Aborted(format!(
+                "volume {id:?} changed while it was being published; try again"
+            )));
+        }
+        if written != rec {
+            let how = written
+                .migration
+                .as_ref()
+                .filter(|m| m.target == node)
+                .map(|m| format!("migration from node {} (live: {})", m.source, m.live));
+            tracing::info!(volume = %id, node = %r.node_id, migration = ?how, "published");
+        }
         Ok(ControllerPublishVolumeResponse {
-            publish_context: [(CTX_REGION.to_string(), id.clone())].into(),
+            publish_context: ctx,
         })
     }
 
@@ -329,28 +375,69 @@ impl ControllerService {
         let _g = self.inflight.try_lock(&id)?;
         self.hold().await;
         let rec = self.need_record(&id).await?;
-        let gone = if r.node_id.is_empty() {
+        let node = r.node_id.clone();
+        let gone = if node.is_empty() {
             !rec.published.is_empty()
         } else {
-            rec.published.contains_key(&r.node_id)
+            rec.published.contains_key(&node)
         };
-        if gone {
-            let node = r.node_id.clone();
-            self.records
-                .update(&id, &|cur| {
-                    cur.cloned().map(|mut v| {
-                        if node.is_empty() {
-                            v.published.clear();
-                        } else {
-                            v.published.remove(&node);
-                        }
-                        v
-                    })
-                })
-                .await?;
-            tracing::info!(volume = %id, node = %r.node_id, "unpublished");
+        if !gone {
+            return Ok(ControllerUnpublishVolumeResponse {});
         }
+        let epoch = match (migrate::unpublish_step(&rec, &node), &self.peers) {
+            (UnpublishStep::Finalize { target }, Some(p)) => {
+                Some(self.finalize_on(p, &target, &id).await?)
+            }
+            (UnpublishStep::Finalize { target }, None) => {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "volume {id:?} is being migrated to node {target}, and this controller \
+                     cannot reach nodes to finalize (--node-endpoint, --node-migration-port)"
+                )))
+            }
+            (UnpublishStep::RollBack { source }, Some(p)) => {
+                // Normally the target's NodeUnstage gave its pull up
+                // already; if it cannot be asked, the source stops
+                // tracking for it.
+                if let Err(e) = p.abort(&node, &id).await {
+                    tracing::warn!(volume = %id, target = %node, "abort on the target: {e}");
+                    if let Err(e) = p.abort(&source, &id).await {
+                        tracing::warn!(volume = %id, %source, "abort on the source: {e}");
+                    }
+                }
+                None
+            }
+            _ => None,
+        };
+        self.records
+            .update(&id, &|cur| {
+                cur.map(|c| migrate::on_unpublish(c, &node, epoch))
+            })
+            .await?;
+        tracing::info!(volume = %id, node = %r.node_id, finalized_at = ?epoch, "unpublished");
         Ok(ControllerUnpublishVolumeResponse {})
+    }
+
+    /// Finalizes a live migration on its target. A target that answers
+    /// that the source does not (the source node died) is finalized
+    /// without it: every chunk then comes from the region service, which
+    /// holds every write the source flushed, and fencing keeps the dead
+    /// node's late writes out.
+    async fn finalize_on(&self, p: &Peers, target: &str, id: &str) -> CsiResult<u64> {
+        match p.finalize(target, id, false).await {
+            Ok(r) => Ok(r.epoch),
+            Err(e) if e.code() == Code::Unavailable => {
+                if let Err(e2) = p.status(target, id).await {
+                    // The target itself is out of reach: the attacher
+                    // retries.
+                    return Err(CsiError::Unavailable(format!(
+                        "finalizing the migration of {id} on node {target}: {e2}"
+                    )));
+                }
+                tracing::warn!(volume = %id, %target, "the source does not answer ({e}); finalizing from the region service");
+                Ok(p.finalize(target, id, true).await?.epoch)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn validate_caps(
@@ -398,8 +485,26 @@ impl ControllerService {
         })
     }
 
-    /// The condition of one volume, from the region service.
+    /// The condition of one volume, from the region service, with the
+    /// migration in progress if any.
     async fn condition(&self, id: &str, rec: &VolumeRecord) -> VolumeCondition {
+        let mut c = self.region_condition(id, rec).await;
+        if let Some(m) = &rec.migration {
+            c.message = format!(
+                "{}; migrating from node {} to node {} ({}, {:?}, {}/{} chunks)",
+                c.message,
+                m.source,
+                m.target,
+                if m.live { "live" } else { "hand-over" },
+                m.phase,
+                m.chunks_present,
+                m.chunks_total
+            );
+        }
+        c
+    }
+
+    async fn region_condition(&self, id: &str, rec: &VolumeRecord) -> VolumeCondition {
         let (abnormal, message) = match self.regions.client(&Credentials::default()).await {
             Err(e) => (true, format!("region service unreachable: {e}")),
             Ok(c) => match c.get_region(id).await {

@@ -132,6 +132,16 @@ pub struct R3mapVolumeStatus {
     /// The owner's migration (Seed) endpoint, HOST:PORT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_endpoint: Option<String>,
+    /// The node a migration in progress pulls from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_source: Option<String>,
+    /// The node a migration in progress pulls to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_target: Option<String>,
+    /// The migration in progress is live (the source writes until
+    /// finalize), not a hand-over from an unpublished node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub migration_live: bool,
     /// Nodes the volume is published to, sorted by node id.
     #[serde(default)]
     pub attachments: Vec<Attachment>,

@@ -12,6 +12,7 @@ use csi::pb::identity_server::IdentityServer;
 use r3map::auth::ClientTls;
 use r3map::remote::client::ConnectOptions;
 use r3map_csi_controller::leader::{Leader, LeaderConfig};
+use r3map_csi_controller::migrate::{self, KubeNodes, NodeDirectory, Peers, StaticNodes};
 use r3map_csi_controller::records::{FileRecords, KubeOptions, KubeRecords, Records};
 use r3map_csi_controller::{controller, identity, region};
 
@@ -73,6 +74,18 @@ struct Args {
     /// Largest volume, e.g. 1TiB
     #[arg(long, value_parser = r3map::size::parse, default_value = "16TiB")]
     max_volume_size: u64,
+    /// A node's migration service, NODE=HOST:PORT (repeat for each node)
+    #[arg(long = "node-endpoint", value_name = "NODE=HOST:PORT", value_parser = csi::migration::parse_node_endpoint)]
+    node_endpoints: Vec<(String, String)>,
+    /// Port of the node plugins' migration service on each Node's
+    /// InternalIP (in a cluster; the node plugins use the host network)
+    #[arg(long, value_name = "PORT")]
+    node_migration_port: Option<u16>,
+    #[command(flatten)]
+    migration_auth: csi::migration::PeerAuthArgs,
+    /// How often migrations in progress are looked at
+    #[arg(long, default_value = "2s", value_parser = r3map::cli::duration)]
+    reconcile_interval: Duration,
     /// Testing only: hold each mutating call's volume guard this long
     #[arg(long, hide = true, default_value_t = 0)]
     test_hold_ms: u64,
@@ -100,7 +113,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }),
     };
     let regions = region::Regions::new(opts, a.state_dir.join("credentials"));
-    let needs_kube = a.records == RecordStore::Kubernetes || a.leader_election;
+    let needs_kube = a.records == RecordStore::Kubernetes
+        || a.leader_election
+        || a.node_migration_port.is_some();
     let client = if needs_kube {
         // In-cluster configuration: the service account token and CA the
         // kubelet mounts, and KUBERNETES_SERVICE_HOST/PORT.
@@ -133,13 +148,49 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         _ => None,
     };
-    let ctl = controller::ControllerService::new(
-        records,
+    let nodes: Option<Arc<dyn NodeDirectory>> = match (&client, a.node_migration_port) {
+        (Some(c), Some(port)) => Some(Arc::new(KubeNodes::new(c.clone(), port))),
+        _ if !a.node_endpoints.is_empty() => Some(Arc::new(StaticNodes(
+            csi::migration::node_endpoints(&a.node_endpoints),
+        ))),
+        _ => None,
+    };
+    let peers = nodes.map(|nodes| {
+        Arc::new(Peers {
+            nodes,
+            auth: a.migration_auth.get(),
+            timeout: Duration::from_secs(120),
+        })
+    });
+    let mut ctl = controller::ControllerService::new(
+        records.clone(),
         leader.clone(),
         regions.clone(),
         a.max_volume_size,
         Duration::from_millis(a.test_hold_ms),
     )?;
+    if let Some(p) = &peers {
+        ctl = ctl.with_peers(p.clone());
+        // Follows migrations to their end (progress, completion); only
+        // the leader writes.
+        let (p, records, leader, every) = (
+            p.clone(),
+            records.clone(),
+            leader.clone(),
+            a.reconcile_interval,
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if leader.as_ref().is_some_and(|l| !l.is_leader()) {
+                    continue;
+                }
+                if let Err(e) = migrate::reconcile_once(records.as_ref(), &p).await {
+                    tracing::warn!("reconciling migrations: {e}");
+                }
+            }
+        });
+    }
     let ident = identity::IdentityService {
         name: a.drivername.clone(),
         regions,

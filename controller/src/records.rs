@@ -22,8 +22,10 @@ use tokio::sync::Mutex;
 
 use csi::{CsiError, CsiResult};
 
-use crate::crd::{Attachment, R3mapVolume, R3mapVolumeSpec, R3mapVolumeStatus, VolumeParameters};
-use crate::state::{State, StateFile, VolumeRecord};
+use crate::crd::{
+    Attachment, MigrationPhase, R3mapVolume, R3mapVolumeSpec, R3mapVolumeStatus, VolumeParameters,
+};
+use crate::state::{Migration, State, StateFile, VolumeRecord};
 
 /// A change of one record: the record wanted, given the current one
 /// (`None`: absent). Called again after a conflict, so it must depend on
@@ -117,6 +119,32 @@ pub enum Transition {
         /// New size in bytes.
         to: u64,
     },
+    /// A migration started.
+    MigrationStarted {
+        /// Node pulled from.
+        source: String,
+        /// Node pulling.
+        target: String,
+        /// Live, or a hand-over.
+        live: bool,
+    },
+    /// Finalized: the target writes the region now.
+    Finalized {
+        /// The new writer.
+        target: String,
+        /// The epoch it took the region over at.
+        epoch: u64,
+    },
+    /// The target left before finalize; the source serves on.
+    RolledBack {
+        /// The target that left.
+        target: String,
+    },
+    /// Every chunk is on the target; the source released its copy.
+    MigrationComplete {
+        /// The node that holds the region.
+        target: String,
+    },
 }
 
 impl Transition {
@@ -148,6 +176,44 @@ impl Transition {
                 out.push(Transition::Detached { node: node.clone() });
             }
         }
+        let (om, nm) = (
+            old.and_then(|r| r.migration.as_ref()),
+            new.and_then(|r| r.migration.as_ref()),
+        );
+        match (om, nm) {
+            (None, Some(m)) => out.push(Transition::MigrationStarted {
+                source: m.source.clone(),
+                target: m.target.clone(),
+                live: m.live,
+            }),
+            (Some(o), Some(m)) if o.target != m.target || o.source != m.source => {
+                out.push(Transition::MigrationStarted {
+                    source: m.source.clone(),
+                    target: m.target.clone(),
+                    live: m.live,
+                })
+            }
+            (Some(o), Some(m))
+                if o.phase == MigrationPhase::PreCopy && m.phase == MigrationPhase::PostCopy =>
+            {
+                out.push(Transition::Finalized {
+                    target: m.target.clone(),
+                    epoch: m.epoch,
+                })
+            }
+            (Some(o), None) if new.is_some() => {
+                if o.phase == MigrationPhase::PreCopy {
+                    out.push(Transition::RolledBack {
+                        target: o.target.clone(),
+                    })
+                } else {
+                    out.push(Transition::MigrationComplete {
+                        target: o.target.clone(),
+                    })
+                }
+            }
+            _ => {}
+        }
         out
     }
 
@@ -170,6 +236,33 @@ impl Transition {
                 "Resized",
                 "ControllerExpandVolume",
                 format!("expanded from {from} to {to} bytes"),
+            ),
+            Transition::MigrationStarted {
+                source,
+                target,
+                live,
+            } => (
+                "MigrationStarted",
+                "ControllerPublishVolume",
+                format!(
+                    "{} from node {source} to node {target}",
+                    if *live { "live pre-copy" } else { "hand-over" }
+                ),
+            ),
+            Transition::Finalized { target, epoch } => (
+                "MigrationFinalized",
+                "ControllerUnpublishVolume",
+                format!("node {target} writes the region now (epoch {epoch})"),
+            ),
+            Transition::RolledBack { target } => (
+                "MigrationRolledBack",
+                "ControllerUnpublishVolume",
+                format!("node {target} left before finalize; the source serves on"),
+            ),
+            Transition::MigrationComplete { target } => (
+                "MigrationComplete",
+                "Reconcile",
+                format!("every chunk is on node {target}"),
             ),
         }
     }
@@ -303,6 +396,22 @@ pub fn record_of(obj: &R3mapVolume) -> CsiResult<(String, VolumeRecord)> {
                 .collect()
         })
         .unwrap_or_default();
+    let owner = obj.status.as_ref().and_then(|st| st.owner_node.clone());
+    let migration = obj.status.as_ref().and_then(|st| {
+        let live = matches!(st.phase, MigrationPhase::PreCopy | MigrationPhase::PostCopy);
+        match (&st.migration_source, &st.migration_target) {
+            (Some(source), Some(target)) if live => Some(Migration {
+                source: source.clone(),
+                target: target.clone(),
+                live: st.migration_live,
+                phase: st.phase,
+                chunks_present: st.chunks_present,
+                chunks_total: st.chunks_total,
+                epoch: st.epoch,
+            }),
+            _ => None,
+        }
+    });
     Ok((
         s.region_id.clone(),
         VolumeRecord {
@@ -311,6 +420,8 @@ pub fn record_of(obj: &R3mapVolume) -> CsiResult<(String, VolumeRecord)> {
             params,
             published,
             access_mode: s.access_mode.clone(),
+            owner,
+            migration,
         },
     ))
 }
@@ -353,20 +464,36 @@ pub fn status_of(
             read_only: *ro,
         })
         .collect();
-    // The owner stays while it is attached (a second attachment is a
-    // migration target or a reader, not a new owner); otherwise the first
-    // read-write attachment writes the region.
-    let still = st
-        .owner_node
-        .as_ref()
-        .is_some_and(|o| rec.published.get(o) == Some(&false));
-    if !still {
-        st.owner_node = rec
-            .published
-            .iter()
-            .find(|(_, ro)| !**ro)
-            .map(|(n, _)| n.clone());
-        st.migration_endpoint = None;
+    st.owner_node = rec.owner.clone();
+    match &rec.migration {
+        Some(m) => {
+            st.phase = m.phase;
+            st.migration_source = Some(m.source.clone());
+            st.migration_target = Some(m.target.clone());
+            st.migration_live = m.live;
+            st.chunks_present = m.chunks_present;
+            st.chunks_total = m.chunks_total;
+            st.progress = format!("{}/{}", m.chunks_present, m.chunks_total);
+            if m.epoch > 0 {
+                st.epoch = m.epoch;
+            }
+        }
+        None => {
+            // The record forgets a migration once it ended; how it ended
+            // is what the last phase says.
+            st.phase = match st.phase {
+                MigrationPhase::PreCopy => MigrationPhase::RolledBack,
+                MigrationPhase::PostCopy | MigrationPhase::Finalizing => MigrationPhase::Complete,
+                p => p,
+            };
+            if st.phase == MigrationPhase::Complete {
+                st.chunks_present = st.chunks_total;
+                st.progress = format!("{}/{}", st.chunks_total, st.chunks_total);
+            }
+            st.migration_source = None;
+            st.migration_target = None;
+            st.migration_live = false;
+        }
     }
     let now = now_rfc3339();
     if st.condition("Ready").is_none() {
@@ -644,6 +771,7 @@ mod tests {
             params: csi::Params::default().to_context(),
             published: nodes.iter().map(|(n, r)| (n.to_string(), *r)).collect(),
             access_mode: Some("SINGLE_NODE_WRITER".into()),
+            ..VolumeRecord::default()
         }
     }
 
@@ -665,7 +793,8 @@ mod tests {
 
     #[test]
     fn spec_and_status_round_trip_a_record() {
-        let r = rec(&[("node-b", true), ("node-a", false)]);
+        let mut r = rec(&[("node-b", true), ("node-a", false)]);
+        r.owner = Some("node-a".into());
         let spec = spec_of("csi-x", &r, "rs:7000").unwrap();
         let mut o = R3mapVolume::new("csi-x", spec);
         o.status = Some(status_of(None, &r, Some(1)));
@@ -678,17 +807,46 @@ mod tests {
     }
 
     #[test]
-    fn owner_stays_while_attached() {
-        let mut st = status_of(None, &rec(&[("node-b", false)]), None);
+    fn migration_round_trips_and_ends_as_its_phase_says() {
+        let mut r = rec(&[("node-a", false), ("node-b", false)]);
+        r.owner = Some("node-a".into());
+        r.migration = Some(Migration {
+            source: "node-a".into(),
+            target: "node-b".into(),
+            live: true,
+            phase: MigrationPhase::PreCopy,
+            chunks_present: 3,
+            chunks_total: 64,
+            epoch: 0,
+        });
+        let mut o = R3mapVolume::new("csi-x", spec_of("csi-x", &r, "rs:7000").unwrap());
+        let mut st = status_of(None, &r, None);
         st.epoch = 7;
-        let st = status_of(
-            Some(&st),
-            &rec(&[("node-a", false), ("node-b", false)]),
-            None,
-        );
-        assert_eq!(st.owner_node.as_deref(), Some("node-b"));
-        assert_eq!(st.epoch, 7);
-        let st = status_of(Some(&st), &rec(&[]), None);
+        o.status = Some(st.clone());
+        assert_eq!(record_of(&o).unwrap().1, r);
+        assert_eq!(st.progress, "3/64");
+        assert_eq!(st.phase, MigrationPhase::PreCopy);
+        // Rolled back: the target left before finalize.
+        let mut back = rec(&[("node-a", false)]);
+        back.owner = Some("node-a".into());
+        let rb = status_of(Some(&st), &back, None);
+        assert_eq!(rb.phase, MigrationPhase::RolledBack);
+        assert_eq!(rb.epoch, 7);
+        assert_eq!(rb.migration_target, None);
+        // Finalized, then complete.
+        let mut post = r.clone();
+        post.published.remove("node-a");
+        post.owner = Some("node-b".into());
+        let m = post.migration.as_mut().unwrap();
+        m.phase = MigrationPhase::PostCopy;
+        m.epoch = 8;
+        let st2 = status_of(Some(&st), &post, None);
+        assert_eq!((st2.epoch, st2.owner_node.as_deref()), (8, Some("node-b")));
+        post.migration = None;
+        let done = status_of(Some(&st2), &post, None);
+        assert_eq!(done.phase, MigrationPhase::Complete);
+        assert_eq!(done.progress, "64/64");
+        let st = status_of(Some(&done), &rec(&[]), None);
         assert_eq!(st.owner_node, None);
         assert_eq!(st.condition("Attached").unwrap().status, "False");
     }

@@ -21,7 +21,7 @@ use csi::CsiError;
 pub const FILE: &str = "controller-state.json";
 
 /// One provisioned volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     /// The CreateVolume name it was made for.
     pub name: String,
@@ -35,6 +35,37 @@ pub struct VolumeRecord {
     /// CSI access mode it was created for (absent in older files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_mode: Option<String>,
+    /// The node that writes the region, or wrote it last and may keep it
+    /// for the next node after being unpublished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// A migration between nodes in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+}
+
+/// A migration of the region from one node to another
+/// (docs/migration.md, "Driven by attach and detach").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// Node pulled from.
+    pub source: String,
+    /// Node pulling.
+    pub target: String,
+    /// Live (the source writes until finalize) or a hand-over from a
+    /// node that was unpublished already.
+    pub live: bool,
+    /// PreCopy until finalize, PostCopy after.
+    pub phase: crate::crd::MigrationPhase,
+    /// Chunks on the target, at the last look.
+    #[serde(default)]
+    pub chunks_present: u64,
+    /// Chunks of the region.
+    #[serde(default)]
+    pub chunks_total: u64,
+    /// The epoch the target took the region over at (after finalize).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Every record, by volume id (= region id).
@@ -118,6 +149,7 @@ mod tests {
                 params: BTreeMap::from([("chunkSize".into(), "1048576".into())]),
                 published: BTreeMap::from([("node1".into(), false)]),
                 access_mode: None,
+                ..VolumeRecord::default()
             },
         );
         f.save(&st).unwrap();

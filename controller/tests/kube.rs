@@ -37,6 +37,7 @@ fn rec() -> VolumeRecord {
         params: csi::Params::default().to_context(),
         published: BTreeMap::new(),
         access_mode: Some("SINGLE_NODE_WRITER".into()),
+        ..VolumeRecord::default()
     }
 }
 
