@@ -407,7 +407,12 @@ pub fn record_of(obj: &R3mapVolume) -> CsiResult<(String, VolumeRecord)> {
                 phase: st.phase,
                 chunks_present: st.chunks_present,
                 chunks_total: st.chunks_total,
-                epoch: st.epoch,
+                // Only a finalized migration has moved the epoch.
+                epoch: if st.phase == MigrationPhase::PostCopy {
+                    st.epoch
+                } else {
+                    0
+                },
             }),
             _ => None,
         }

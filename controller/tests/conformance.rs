@@ -420,10 +420,14 @@ async fn publish_unpublish() {
     assert_eq!(st.published_node_ids, vec!["n1".to_string()]);
     assert!(!st.volume_condition.unwrap().abnormal);
 
-    // Multi-writer: a second node is allowed.
-    c.controller_publish_volume(publish_req(id, "n2", Mode::MultiNodeMultiWriter))
+    // Multi-writer: a second node is a live migration, which needs the
+    // nodes' migration endpoints; this controller has none.
+    let e = c
+        .controller_publish_volume(publish_req(id, "n2", Mode::MultiNodeMultiWriter))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("migration endpoint"), "{e:?}");
     let l = c
         .list_volumes(ListVolumesRequest::default())
         .await
@@ -431,7 +435,7 @@ async fn publish_unpublish() {
         .into_inner();
     assert_eq!(
         l.entries[0].status.as_ref().unwrap().published_node_ids,
-        vec!["n1".to_string(), "n2".to_string()]
+        vec!["n1".to_string()]
     );
 
     // Unpublish, each twice; unknown volume is NOT_FOUND.

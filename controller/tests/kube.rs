@@ -55,6 +55,7 @@ async fn attach(
     r.update(id, &|cur| {
         cur.cloned().map(|mut v| {
             v.published.insert(node.clone(), false);
+            v.owner.get_or_insert_with(|| node.clone());
             v
         })
     })
