@@ -66,6 +66,9 @@ fn resource(plural: &str) -> Option<Resource> {
 
 struct Interference {
     remaining: u32,
+    /// The hook runs before every `every`-th write (the first included).
+    every: u32,
+    seen: u32,
     hook: Hook,
 }
 
@@ -210,7 +213,9 @@ impl Store {
                     if let Some(i) = self.interference.get_mut(&p.plural) {
                         if i.remaining > 0 {
                             i.remaining -= 1;
-                            if let Some(o) = self.objects.get_mut(&key) {
+                            let due = i.seen % i.every.max(1) == 0;
+                            i.seen += 1;
+                            if let Some(o) = self.objects.get_mut(&key).filter(|_| due) {
                                 (i.hook)(o);
                                 fired = true;
                             }
@@ -486,11 +491,24 @@ impl ApiServer {
     /// `plural`, changes it with `hook` and bumps its resourceVersion, as
     /// another writer that got there first would.
     pub fn interfere(&self, plural: &str, n: u32, hook: Hook) {
-        self.store
-            .lock()
-            .unwrap()
-            .interference
-            .insert(plural.to_string(), Interference { remaining: n, hook });
+        self.interfere_every(plural, 1, n, hook);
+    }
+
+    /// Of the next `n` writes to an existing object of `plural`, the
+    /// first and every `every`-th after it meet a change by `hook` (and a
+    /// bumped resourceVersion). With `every` 2, each logical update (a
+    /// write, refused, then its retry) meets exactly one real 409, however
+    /// many updates there are.
+    pub fn interfere_every(&self, plural: &str, every: u32, n: u32, hook: Hook) {
+        self.store.lock().unwrap().interference.insert(
+            plural.to_string(),
+            Interference {
+                remaining: n,
+                every,
+                seen: 0,
+                hook,
+            },
+        );
     }
 
     /// Every object of `plural`.
