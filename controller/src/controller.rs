@@ -331,14 +331,34 @@ impl ControllerService {
                 None => plain = true,
             }
         }
+        // The migration the context above was made for.
+        let planned = want
+            .migration
+            .as_ref()
+            .filter(|m| m.target == node && !plain)
+            .map(|m| (m.source.clone(), m.live));
         let written = self
             .records
             .update(&id, &|cur| {
                 let c = cur?;
-                let mut next =
-                    migrate::on_publish(c, &id, &node, ro, single).unwrap_or_else(|_| c.clone());
+                let Ok(mut next) = migrate::on_publish(c, &id, &node, ro, single) else {
+                    return Some(c.clone());
+                };
                 if plain && next.migration.as_ref().is_some_and(|m| m.target == node) {
                     next.migration = None;
+                }
+                // Re-decided after a conflict on a record that changed
+                // meanwhile into another migration (say a hand-over, A
+                // detached meanwhile): the context would tell the node
+                // something else than the record. Left as it is; the call
+                // is refused below and its retry decides anew.
+                let now = next
+                    .migration
+                    .as_ref()
+                    .filter(|m| m.target == node)
+                    .map(|m| (m.source.clone(), m.live));
+                if now != planned {
+                    return Some(c.clone());
                 }
                 Some(next)
             })
