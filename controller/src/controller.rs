@@ -404,6 +404,9 @@ impl ControllerService {
         if !gone {
             return Ok(ControllerUnpublishVolumeResponse {});
         }
+        // The target being unpublished turned out to be finalized (at
+        // this epoch).
+        let mut finalized_here = None;
         let epoch = match (migrate::unpublish_step(&rec, &node), &self.peers) {
             (UnpublishStep::Finalize { target }, Some(p)) => {
                 Some(self.finalize_on(p, &target, &id).await?)
@@ -418,19 +421,39 @@ impl ControllerService {
                 // Normally the target's NodeUnstage gave its pull up
                 // already; if it cannot be asked, the source stops
                 // tracking for it.
-                if let Err(e) = p.abort(&node, &id).await {
-                    tracing::warn!(volume = %id, target = %node, "abort on the target: {e}");
-                    if let Err(e) = p.abort(&source, &id).await {
-                        tracing::warn!(volume = %id, %source, "abort on the source: {e}");
+                match p.abort(&node, &id).await {
+                    Ok(()) => None,
+                    Err(e) if e.code() == Code::FailedPrecondition => {
+                        // Finalized already, by an unpublish of the source
+                        // whose record write was lost: the region lives
+                        // on the target now, so this is no roll-back.
+                        let st = p.status(&node, &id).await?;
+                        if !st.finalized {
+                            return Err(e);
+                        }
+                        tracing::warn!(volume = %id, target = %node, epoch = st.epoch, "the target was finalized already; recording that, not a roll-back");
+                        finalized_here = Some(st.epoch);
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %id, target = %node, "abort on the target: {e}");
+                        if let Err(e) = p.abort(&source, &id).await {
+                            tracing::warn!(volume = %id, %source, "abort on the source: {e}");
+                        }
+                        None
                     }
                 }
-                None
             }
             _ => None,
         };
         self.records
             .update(&id, &|cur| {
-                cur.map(|c| migrate::on_unpublish(c, &node, epoch))
+                cur.map(|c| match finalized_here {
+                    Some(e) => {
+                        migrate::on_unpublish(&migrate::on_finalized(c, &node, e), &node, None)
+                    }
+                    None => migrate::on_unpublish(c, &node, epoch),
+                })
             })
             .await?;
         tracing::info!(volume = %id, node = %r.node_id, finalized_at = ?epoch, "unpublished");

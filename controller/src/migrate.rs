@@ -307,6 +307,24 @@ pub fn unpublish_step(rec: &VolumeRecord, node: &str) -> UnpublishStep {
     }
 }
 
+/// The record once the live migration to `target` was finalized at
+/// `epoch`, as a target's Status shows when the record missed it (the
+/// controller died between Finalize and its write): the target owns the
+/// region, post-copy. Any other record is returned as it is.
+pub fn on_finalized(cur: &VolumeRecord, target: &str, epoch: u64) -> VolumeRecord {
+    let mut next = cur.clone();
+    if let Some(m) = next
+        .migration
+        .as_mut()
+        .filter(|m| m.target == target && m.phase == MigrationPhase::PreCopy)
+    {
+        m.phase = MigrationPhase::PostCopy;
+        m.epoch = epoch;
+        next.owner = Some(target.to_string());
+    }
+    next
+}
+
 /// The record after an unpublish from `node` (empty: every node) whose
 /// step succeeded; `epoch`: what finalize answered.
 pub fn on_unpublish(cur: &VolumeRecord, node: &str, epoch: Option<u64>) -> VolumeRecord {
