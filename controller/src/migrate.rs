@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use csi::migration::{MigrateFrom, PeerAuth};
+use csi::nodepb::migration_status::Role;
 use csi::nodepb::{FinalizeReply, FinalizeRequest, ReleaseRequest, VolumeRequest};
 use csi::{CsiError, CsiResult};
 use tonic::Code;
@@ -380,30 +381,47 @@ pub async fn reconcile_once(records: &dyn Records, peers: &Peers) -> CsiResult<u
                 continue;
             }
         };
-        let complete = st.complete && m.phase == MigrationPhase::PostCopy;
-        let (present, total) = (st.chunks_present, st.chunks_total);
+        // A target that holds the volume and pulls nothing (it staged
+        // from the region service because the previous node kept nothing,
+        // or its pull ended before it restarted) has the migration behind
+        // it; "none" is a target not staged yet.
+        let pulls = st.role == Role::Target as i32;
+        let done = st.complete || (!pulls && st.phase != "none");
+        let complete = done && m.phase == MigrationPhase::PostCopy;
+        // Finalized on the target while the record says pre-copy: the
+        // controller died between Finalize and its record write.
+        let repair = pulls && st.finalized && m.phase == MigrationPhase::PreCopy;
+        let (present, total, epoch) = (st.chunks_present, st.chunks_total, st.epoch);
         let target = m.target.clone();
         let r = records
             .update(&id, &|cur| {
-                let mut v = cur.cloned()?;
-                match v.migration.as_mut() {
-                    Some(mm) if mm.target == target => {
-                        if complete {
-                            v.migration = None;
-                        } else {
-                            mm.chunks_present = present;
-                            mm.chunks_total = total;
-                        }
-                    }
-                    _ => {}
+                let v = cur?;
+                let Some(mm) = v.migration.as_ref().filter(|mm| mm.target == target) else {
+                    return Some(v.clone());
+                };
+                if repair && mm.phase == MigrationPhase::PreCopy {
+                    // Recorded as finalized first; completion (if so) is
+                    // the next pass's: pre-copy straight to none would
+                    // read as a roll-back.
+                    return Some(on_finalized(v, &target, epoch));
+                }
+                let mut v = v.clone();
+                if complete && mm.phase == MigrationPhase::PostCopy {
+                    v.migration = None;
+                } else if let Some(mm) = v.migration.as_mut() {
+                    mm.chunks_present = present;
+                    mm.chunks_total = total;
                 }
                 Some(v)
             })
             .await;
         match r {
-            Ok(_) if complete => {
+            Ok(Some(v)) if v.migration.is_none() => {
                 open -= 1;
                 tracing::info!(volume = %id, target = %m.target, "migration complete");
+            }
+            Ok(_) if repair => {
+                tracing::warn!(volume = %id, target = %m.target, epoch, "recorded a finalize the record had missed");
             }
             Ok(_) => {}
             Err(e) if e.code() == Code::NotFound => {}

@@ -634,8 +634,44 @@ async fn a_controller_that_died_between_finalize_and_its_record_finalizes_again(
 }
 
 #[tokio::test]
-async fn a_target_detached_while_its_finalize_went_unrecorded_keeps_the_region() {
+async fn the_reconciler_records_a_finalize_the_record_missed() {
     let mut env = Env::start(&[A, B]).await;
+    let id = live_migration(&env, "pvc-crash-r", 3).await;
+    env.world.unstage(A, &id);
+    env.api.fail_writes("r3mapvolumes", 1000, 500);
+    env.unpublish(&id, A).await.unwrap_err();
+    env.api.fail_writes("r3mapvolumes", 0, 500);
+    env.restart_controller();
+    // Before the attacher comes back, the reconciler sees B finalized.
+    assert_eq!(env.reconcile().await, 1);
+    let st = env.status(&id);
+    assert_eq!(phase_of(&st), (MigrationPhase::PostCopy, Some(B)));
+    assert_eq!(st.epoch, 2);
+    assert_eq!(env.attached(&id), [A, B]);
+    // A's detach is then a plain one: no second Finalize.
+    env.unpublish(&id, A).await.unwrap();
+    assert_eq!(env.world.calls_to(B), ["Finalize"]);
+    assert_eq!(env.attached(&id), [B]);
+    env.world.pull(B, &id, CHUNKS);
+    reconcile_to_end(&env, 3).await;
+    assert_eq!(
+        phase_of(&env.status(&id)),
+        (MigrationPhase::Complete, Some(B))
+    );
+    assert_eq!(
+        env.migration_events(),
+        [
+            "MigrationStarted",
+            "MigrationFinalized",
+            "MigrationComplete"
+        ]
+    );
+    env.assert_never_two_writers();
+}
+
+#[tokio::test]
+async fn a_target_detached_while_its_finalize_went_unrecorded_keeps_the_region() {
+    let mut env = Env::start(&[A, B, C]).await;
     let id = live_migration(&env, "pvc-crash-b", 3).await;
     env.world.unstage(A, &id);
     env.api.fail_writes("r3mapvolumes", 1000, 500);
