@@ -853,3 +853,15 @@ async fn a_third_node_and_concurrent_calls_are_refused() {
     assert_migrates_from(&env, &ctx, B, "live");
     env.assert_never_two_writers();
 }
+
+#[tokio::test]
+async fn the_fakes_catch_two_writers() {
+    let env = Env::start(&[A, B]).await;
+    let id = env.create("pvc-check", MNMW).await;
+    env.attach(&id, A, MNMW).await;
+    // What a controller that forgot the migration would cause: B opens
+    // the region from the region service while A writes it.
+    env.world.stage(B, &id, &HashMap::new()).unwrap();
+    let v = env.world.violations();
+    assert!(v.iter().any(|v| v.contains("all write")), "{v:?}");
+}
