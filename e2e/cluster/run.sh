@@ -19,6 +19,14 @@
 # (300 s per wait), R3MAP_E2E_KEEP (1: leave everything installed).
 set -euo pipefail
 
+say() { printf 'e2e/cluster: %s\n' "$*" >&2; }
+die() { say "STOP: $*"; exit 1; }
+
+# --- What it needs: everything that does not need the cluster first. ---
+for tool in kubectl helm; do
+  command -v "$tool" >/dev/null 2>&1 ||
+    die "$tool is not on PATH (bash .ci/install-deps installs helm and kubectl)"
+done
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 app_image=${R3MAP_E2E_APP_IMAGE:-python:3-slim}
@@ -31,16 +39,9 @@ release=r3map-e2e
 sc=r3map-e2e-$suffix
 driver=r3map.csi.r3map.io
 
-say() { printf 'e2e/cluster: %s\n' "$*" >&2; }
-die() { say "STOP: $*"; exit 1; }
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
-# --- What it needs: everything that does not need the cluster first. ---
-for tool in kubectl helm; do
-  command -v "$tool" >/dev/null 2>&1 ||
-    die "$tool is not on PATH (bash .ci/install-deps installs helm and kubectl)"
-done
 [ -n "${R3MAP_IMAGE:-}" ] ||
   die "set R3MAP_IMAGE=REPOSITORY:TAG to an r3map-csi image the nodes can pull (built from charts/r3map-csi/Dockerfile)"
 case $R3MAP_IMAGE in
