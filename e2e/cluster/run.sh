@@ -88,6 +88,9 @@ cleanup() {
 }
 trap cleanup EXIT
 k create namespace "$ns" >/dev/null
+# The node plugin (and the nbd check) run privileged: Pod Security
+# Admission must let them.
+k label namespace "$ns" pod-security.kubernetes.io/enforce=privileged >/dev/null
 
 # A pod pinned to a node (or away from one) that runs a shell command.
 # pod NAME IMAGE AFFINITY_OP NODE PRIVILEGED CMD [CLAIM]
@@ -244,7 +247,15 @@ if [ "$rwx" = 1 ]; then
     # The reader's node attaches while the writer runs: pre-copy; its
     # device waits until the writer's node lets go.
     run_workload reader-rwx In "$node_b" verify rwx-"$suffix" data-rwx
-    wait_phase reader-rwx Running >/dev/null || die "RWX: the reader did not start on $node_b"
+    # Attached on the second node (ControllerPublish: the pre-copy runs);
+    # the reader's pod may not run before the hand-over.
+    pv=$(k get pvc data-rwx -n "$ns" -o jsonpath='{.spec.volumeName}')
+    deadline=$((SECONDS + timeout))
+    until k get volumeattachments -o jsonpath='{range .items[?(@.spec.source.persistentVolumeName=="'"$pv"'")]}{.spec.nodeName}={.status.attached}{"\n"}{end}' |
+        grep -qx "$node_b=true"; do
+      [ "$SECONDS" -lt "$deadline" ] || die "RWX: $pv was not attached on $node_b while the writer ran"
+      sleep 0.5
+    done
     t0=$(now)
     k delete pod writer-rwx -n "$ns" --wait=false >/dev/null
     line=$(wait_log reader-rwx "r3map-e2e: verified") || die "RWX: the data did not survive the migration"
