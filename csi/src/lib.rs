@@ -8,6 +8,7 @@ pub mod capabilities;
 pub mod endpoint;
 pub mod error;
 pub mod inflight;
+pub mod metrics;
 pub mod params;
 pub mod secrets;
 pub mod trace;
