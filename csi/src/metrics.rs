@@ -351,6 +351,12 @@ impl CallMetrics {
             metrics: self.clone(),
         }
     }
+
+    /// `service` recording its calls: for `Server::builder().add_service`,
+    /// which keeps the router's type (a server-wide layer changes it).
+    pub fn wrap<S>(&self, service: S) -> CallMetricsService<S> {
+        tower::Layer::layer(&self.layer(), service)
+    }
 }
 
 /// Wraps a gRPC server (`tonic::transport::Server::builder().layer(..)`)
@@ -376,6 +382,10 @@ impl<S> tower::Layer<S> for CallMetricsLayer {
 pub struct CallMetricsService<S> {
     inner: S,
     metrics: CallMetrics,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CallMetricsService<S> {
+    const NAME: &'static str = S::NAME;
 }
 
 /// The gRPC code of a response: tonic answers a failed unary call

@@ -991,6 +991,20 @@ impl NodeService {
             capacity_bytes: i64::try_from(rec.size).unwrap_or(i64::MAX),
         })
     }
+
+    // --------------------------------------------------------------- metrics
+
+    /// Every staged volume as of now, sorted by id, for `/metrics`
+    /// ([`crate::metrics`]): the engine's counters read live, never copied.
+    pub async fn volume_metrics(&self) -> Vec<crate::metrics::VolumeMetrics> {
+        let staged = self.staged.lock().await;
+        let mut v: Vec<_> = staged
+            .iter()
+            .map(|(id, s)| crate::metrics::VolumeMetrics::of(id, s.rec.epoch, s.vol.as_deref()))
+            .collect();
+        v.sort_by(|a, b| a.volume.cmp(&b.volume));
+        v
+    }
 }
 
 #[tonic::async_trait]
