@@ -6,6 +6,7 @@ pub mod controller;
 pub mod crd;
 pub mod identity;
 pub mod leader;
+pub mod metrics;
 pub mod records;
 pub mod region;
 pub mod state;
