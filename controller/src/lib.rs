@@ -7,6 +7,7 @@ pub mod crd;
 pub mod identity;
 pub mod leader;
 pub mod migrate;
+pub mod metrics;
 pub mod records;
 pub mod region;
 pub mod state;

@@ -14,7 +14,7 @@ use r3map::remote::client::ConnectOptions;
 use r3map_csi_controller::leader::{Leader, LeaderConfig};
 use r3map_csi_controller::migrate::{self, KubeNodes, NodeDirectory, Peers, StaticNodes};
 use r3map_csi_controller::records::{FileRecords, KubeOptions, KubeRecords, Records};
-use r3map_csi_controller::{controller, identity, region};
+use r3map_csi_controller::{controller, identity, metrics, region};
 
 /// Where the controller keeps its volume records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,6 +86,11 @@ struct Args {
     /// How often migrations in progress are looked at
     #[arg(long, default_value = "2s", value_parser = r3map::cli::duration)]
     reconcile_interval: Duration,
+    /// Serve Prometheus /metrics (and /healthz) on HOST:PORT; none when
+    /// absent. No authentication: metrics carry no secrets, but bind where
+    /// only the scraper reaches (docs/metrics.md)
+    #[arg(long, env = "METRICS_ADDRESS", value_name = "HOST:PORT")]
+    metrics_address: Option<String>,
     /// Testing only: hold each mutating call's volume guard this long
     #[arg(long, hide = true, default_value_t = 0)]
     test_hold_ms: u64,
@@ -128,11 +133,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "r3map-csi-controller".into())
     });
+    let retries = metrics::WriteRetries::default();
     let records: Arc<dyn Records> = match (a.records, &client) {
         (RecordStore::Kubernetes, Some(c)) => {
             let mut o = KubeOptions::new(&a.region_service);
             o.events_namespace = a.namespace.clone();
             o.instance = identity.clone();
+            o.write_retries = retries.clone();
             Arc::new(KubeRecords::new(c.clone(), o))
         }
         _ => Arc::new(FileRecords::open(&a.state_dir)?),
@@ -162,6 +169,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             timeout: Duration::from_secs(120),
         })
     });
+    // Bound before serving CSI, so a bad address stops the start.
+    let metrics_listener = match &a.metrics_address {
+        // Displayed, not Debug-printed, by main's error exit.
+        Some(addr) => Some(csi::metrics::bind(addr).await.map_err(|e| e.to_string())?),
+        None => None,
+    };
+    // Counted whether or not they are exported: cheap, and one server type.
+    let calls = csi::metrics::CallMetrics::default();
+    if let Some(listener) = metrics_listener {
+        tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+        let list_errors = prometheus_client::metrics::counter::Counter::default();
+        let mut reg = prometheus_client::registry::Registry::default();
+        calls.register(&mut reg);
+        metrics::register(&mut reg, &retries, &list_errors);
+        let src = match (a.records, &client) {
+            (RecordStore::Kubernetes, Some(c)) => metrics::VolumeSource::Kube(c.clone()),
+            _ => metrics::VolumeSource::Records(records.clone()),
+        };
+        let leader = leader.clone();
+        let exporter = csi::metrics::Exporter::new(reg).with_snapshot(move || {
+            metrics::snapshot(src.clone(), leader.clone(), list_errors.clone())
+        });
+        tokio::spawn(csi::metrics::serve(
+            listener,
+            Arc::new(exporter),
+            std::future::pending(),
+        ));
+    }
     let mut ctl = controller::ControllerService::new(
         records.clone(),
         leader.clone(),
@@ -196,8 +231,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         regions,
     };
     let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(ident))
-        .add_service(ControllerServer::new(ctl));
+        .add_service(calls.wrap(IdentityServer::new(ident)))
+        .add_service(calls.wrap(ControllerServer::new(ctl)));
     let stop = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");

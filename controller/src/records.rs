@@ -284,6 +284,8 @@ pub struct KubeOptions {
     pub max_retries: u32,
     /// First pause between retries (doubled each time, at most 1 s).
     pub backoff: Duration,
+    /// Counts each retried write (`/metrics`).
+    pub write_retries: crate::metrics::WriteRetries,
 }
 
 impl KubeOptions {
@@ -296,6 +298,7 @@ impl KubeOptions {
             instance: "r3map-csi-controller".into(),
             max_retries: 8,
             backoff: Duration::from_millis(10),
+            write_retries: Default::default(),
         }
     }
 }
@@ -746,6 +749,9 @@ impl Records for KubeRecords {
                 }
                 Err(WriteError::Csi(e)) => return Err(e),
                 Err(WriteError::Kube(e)) if retryable(&e) => {
+                    if let kube::Error::Api(s) = &e {
+                        self.opts.write_retries.record(s.code);
+                    }
                     tracing::debug!(volume = %id, attempt, "write refused, reading again: {e}");
                     last = Some(e);
                 }

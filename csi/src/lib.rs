@@ -9,6 +9,7 @@ pub mod endpoint;
 pub mod error;
 pub mod inflight;
 pub mod migration;
+pub mod metrics;
 pub mod params;
 pub mod secrets;
 pub mod trace;

@@ -2,4 +2,5 @@
 //! (`/dev/nbdN`) whose other end the r3map engine serves from user space.
 
 pub mod device;
+pub mod metrics;
 pub mod plugin;

@@ -68,6 +68,11 @@ struct Args {
     /// How long reads from a migration source are retried before it counts as lost
     #[arg(long, default_value = "30s", value_parser = r3map::cli::duration)]
     migration_patience: Duration,
+    /// Serve Prometheus /metrics (and /healthz) on HOST:PORT; none when
+    /// absent. No authentication: metrics carry no secrets, but bind where
+    /// only the scraper reaches (docs/metrics.md)
+    #[arg(long, env = "METRICS_ADDRESS", value_name = "HOST:PORT")]
+    metrics_address: Option<String>,
     /// Testing only: hold each mutating call's volume guard this long
     #[arg(long, hide = true, default_value_t = 0)]
     test_hold_ms: u64,
@@ -141,11 +146,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     node.spawn_housekeeping(stop_bg.clone());
+    // Counted whether or not they are exported: cheap, and one server type.
+    let calls = csi::metrics::CallMetrics::default();
+    if let Some(addr) = &a.metrics_address {
+        // Displayed, not Debug-printed, by main's error exit.
+        let listener = csi::metrics::bind(addr).await.map_err(|e| e.to_string())?;
+        tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+        let mut reg = prometheus_client::registry::Registry::default();
+        calls.register(&mut reg);
+        let n = node.clone();
+        let exporter = csi::metrics::Exporter::new(reg).with_snapshot(move || {
+            let n = n.clone();
+            async move { r3map_csi_node::metrics::registry(n.volume_metrics().await) }
+        });
+        tokio::spawn(csi::metrics::serve(
+            listener,
+            Arc::new(exporter),
+            std::future::pending(),
+        ));
+    }
     let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService {
+        .add_service(calls.wrap(IdentityServer::new(IdentityService {
             name: a.drivername.clone(),
-        }))
-        .add_service(NodeServer::from_arc(node));
+        })))
+        .add_service(calls.wrap(NodeServer::from_arc(node)));
     let stop = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");

@@ -1172,6 +1172,44 @@ impl NodeService {
             capacity_bytes: i64::try_from(rec.size).unwrap_or(i64::MAX),
         })
     }
+
+    // --------------------------------------------------------------- metrics
+
+    /// Every staged volume as of now, sorted by id, for `/metrics`
+    /// ([`crate::metrics`]): the engine's counters read live, never copied.
+    pub async fn volume_metrics(&self) -> Vec<crate::metrics::VolumeMetrics> {
+        let staged = self.staged.lock().await;
+        let mut v: Vec<_> = staged
+            .iter()
+            .map(|(id, s)| {
+                let mut m = crate::metrics::VolumeMetrics::of(id, s.rec.epoch, s.vol.as_deref());
+                m.attached = s.rec.device_index.is_some();
+                if let Some(l) = &s.leech {
+                    let st = l.status();
+                    let phase = if st.complete {
+                        "complete"
+                    } else if st.finalized {
+                        "post-copy"
+                    } else {
+                        "pre-copy"
+                    };
+                    m.migration_phase = Some(phase.into());
+                    m.migration_duration = l
+                        .completed_after()
+                        .or_else(|| s.started.map(|t| t.elapsed()));
+                    m.migration_chunks_present = Some(st.chunks_present);
+                    m.migration_chunks_total = Some(st.chunks_total);
+                } else if s.rec.retained_until.is_some() {
+                    m.migration_phase = Some("retained".into());
+                } else if s.vol.as_ref().is_some_and(|v| v.source().status().session != 0) {
+                    m.migration_phase = Some("source".into());
+                }
+                m
+            })
+            .collect();
+        v.sort_by(|a, b| a.volume.cmp(&b.volume));
+        v
+    }
 }
 
 #[tonic::async_trait]
