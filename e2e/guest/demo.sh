@@ -21,10 +21,11 @@ for m in $(cat $M/load); do
 done
 ip link set lo up
 mkdir -p /var/lib /tmp
-if r3map-csi-demo --here --size "$size" --chunk "$chunk" $all \
+if r3map-csi-demo --here --plain --size "$size" --chunk "$chunk" $all \
 	--work /var/demo --kubelet-dir /var/lib/kubelet; then
 	log "PASS"
 else
+	dmesg | grep -i nbd | tail -20
 	log "FAIL the demo failed"
 fi
 bye

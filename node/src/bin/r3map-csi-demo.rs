@@ -32,6 +32,9 @@ struct Cli {
     /// Also roll a migration back and hand the volume back (what CI runs)
     #[arg(long)]
     all: bool,
+    /// Progress as lines instead of a redrawn bar
+    #[arg(long)]
+    plain: bool,
     /// Scratch directory
     #[arg(long, default_value = "/tmp/r3map-csi-demo")]
     work: PathBuf,
@@ -121,6 +124,8 @@ fn in_guest(cli: &Cli) -> Result<bool, Box<dyn std::error::Error + Send + Sync>>
         .env("R3MAP_GUEST_INITRAMFS", "initramfs-demo.gz")
         .env("R3MAP_GUEST_APPEND", append)
         .env("R3MAP_GUEST_TIMEOUT", "1500")
+        // Its files (store, two caches, binaries) live in RAM.
+        .env("R3MAP_GUEST_MEM", "2G")
         .status()?;
     Ok(out.success())
 }
@@ -151,6 +156,7 @@ fn main() {
                 chunk: cli.chunk.clone(),
                 seed: std::process::id() as u64,
                 all: cli.all,
+                plain: cli.plain,
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             rt.block_on(async {

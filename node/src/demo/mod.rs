@@ -50,6 +50,8 @@ pub struct Options {
     /// Also roll a migration back, and hand the volume back to node-a
     /// the way an RWO pod move does (the CI run does both).
     pub all: bool,
+    /// Progress as lines, not a redrawn bar (logs, serial consoles).
+    pub plain: bool,
 }
 
 /// The timings and checks of a run.
@@ -416,7 +418,7 @@ pub async fn run(o: &Options) -> Result<Summary, Error> {
 }
 
 async fn walk(o: &Options, c: &mut Cluster) -> Result<Summary, Error> {
-    let tty = nix::unistd::isatty(1).unwrap_or(false);
+    let tty = !o.plain && nix::unistd::isatty(1).unwrap_or(false);
     let mut s = Summary::default();
     let seed = o.seed.to_string();
     say(format!(
