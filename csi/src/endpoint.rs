@@ -78,6 +78,23 @@ where
     r.map_err(EndpointError::from)
 }
 
+/// A client channel to the unix socket of `endpoint` (what a CO, a
+/// sidecar or `r3map-csi-call` dials).
+pub async fn connect(endpoint: &str) -> Result<tonic::transport::Channel, EndpointError> {
+    let sock = parse(endpoint)?;
+    let ch = tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let sock = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(sock).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(ch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,8 @@
 #      R3MAP_GUEST_KERNEL=vmlinux|vmlinuz (default: vmlinux if prepare.sh made one),
 #      R3MAP_GUEST_INITRAMFS (default initramfs.gz; initramfs-extra.gz for
 #      an image with R3MAP_GUEST_EXTRA_BINS), R3MAP_GUEST_APPEND (more
-#      kernel parameters, e.g. r3map_scenario=netlink).
+#      kernel parameters, e.g. r3map_scenario=netlink), R3MAP_GUEST_MEM
+#      (default 512M; the guest's files live in RAM).
 # Exits 0 only if the guest printed "R3MAP-GUEST: PASS".
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 PORT SEED" >&2; exit 2; }
@@ -33,7 +34,7 @@ trap 'rm -f "$log"' EXIT
 # host's 127.0.0.1.
 rc=0
 timeout -k 5 "${R3MAP_GUEST_TIMEOUT:-240}" \
-  qemu-system-x86_64 -accel "${R3MAP_GUEST_ACCEL:-tcg}" -m 512M -smp 2 \
+  qemu-system-x86_64 -accel "${R3MAP_GUEST_ACCEL:-tcg}" -m "${R3MAP_GUEST_MEM:-512M}" -smp 2 \
   -nographic -no-reboot -nodefaults -serial stdio -monitor none \
   -kernel "$out/$kernel" -initrd "$out/$initrd" \
   -append "console=ttyS0 quiet panic=-1 r3map_host=10.0.2.2 r3map_port=$port r3map_seed=$seed ${R3MAP_GUEST_APPEND:-}" \

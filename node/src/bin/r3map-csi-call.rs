@@ -4,7 +4,6 @@
 //! `call: ERROR <method> code=<Code> <message>` and exits 0 or 1.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -12,7 +11,7 @@ use csi::capabilities::block;
 use csi::pb::node_client::NodeClient;
 use csi::pb::volume_capability::access_mode::Mode;
 use csi::pb::*;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(about = "Call the r3map-csi node plugin's Node service")]
@@ -93,18 +92,7 @@ fn kv(s: &str) -> Result<(String, String), String> {
 }
 
 async fn channel(endpoint: &str) -> Result<Channel, Box<dyn std::error::Error>> {
-    let sock: PathBuf = csi::endpoint::parse(endpoint)?;
-    let ch = Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let sock = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(sock).await?,
-                ))
-            }
-        }))
-        .await?;
-    Ok(ch)
+    Ok(csi::endpoint::connect(endpoint).await?)
 }
 
 fn report<T>(
