@@ -35,15 +35,7 @@ const KUBE_VERSIONS: [&str; 2] = ["1.33.0", "1.37.0"];
 /// being added in parallel (migration endpoints and metrics, issue 8).
 /// Empty this list once they exist; a flag listed here that the binary
 /// already takes is reported so the list shrinks.
-const PENDING_FLAGS: [&str; 7] = [
-    "--node-migration-port",
-    "--migration-listen",
-    "--migration-ca",
-    "--migration-cert",
-    "--migration-key",
-    "--migration-tls-name",
-    "--metrics-address",
-];
+const PENDING_FLAGS: [&str; 0] = [];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
