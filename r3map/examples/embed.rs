@@ -123,6 +123,8 @@ async fn main() -> Result<(), BoxError> {
         owner: Some("node-b".into()),
         patience: Duration::from_secs(10),
         pull_workers: 4,
+        reuse: None,
+        precopy: Default::default(),
     })
     .await?;
     // Written at the source during the pre-copy: in the dirty list.

@@ -61,6 +61,22 @@ pub struct LeechRecord {
     /// Missing, unpushed ones Dirty) and the export released: from then on
     /// local writes exist and the hand-over must not be applied again.
     pub applied: bool,
+    /// The last pre-copy round applied: its dirty chunks were made Missing
+    /// and that made durable. Sent with Finalize, so the seed folds in a
+    /// round answered but not applied (a crash between the two).
+    #[serde(default)]
+    pub round: u64,
+    /// An older copy of the region this destination started from (checked
+    /// by hash, see `Hashes`), as given.
+    #[serde(default)]
+    pub reuse: Option<PathBuf>,
+    /// The older copy became the cache, with a fresh state file (every
+    /// chunk Missing): from here on no chunk of it is trusted unchecked.
+    #[serde(default)]
+    pub adopted: bool,
+    /// The hash check of the older copy ran to its end.
+    #[serde(default)]
+    pub delta_done: bool,
 }
 
 /// True when the cache at `cache` belongs to a migration source that
@@ -111,6 +127,13 @@ pub async fn store_async<T: Serialize + Send + 'static>(path: PathBuf, rec: T) -
         .map_err(|e| Error::io(e.to_string()))?
 }
 
+/// [`remove`] on a blocking thread.
+pub async fn remove_async(path: PathBuf) -> Result<()> {
+    tokio::task::spawn_blocking(move || remove(&path))
+        .await
+        .map_err(|e| Error::io(e.to_string()))?
+}
+
 /// Removes a record (and a leftover temporary), if present.
 pub fn remove(path: &Path) -> Result<()> {
     for p in [path.to_path_buf(), {
@@ -149,9 +172,18 @@ mod tests {
             }),
             epoch: Some(4),
             applied: true,
+            round: 3,
+            reuse: Some(PathBuf::from("/var/old.cache")),
+            adopted: true,
+            delta_done: false,
         };
         store(&p, &r).unwrap();
         assert_eq!(load::<LeechRecord>(&p).unwrap(), Some(r));
+        // A record written before rounds and delta existed still loads.
+        let old = r#"{"role":"destination","from":"x","session":1,"owner":"o","handover":null,"epoch":null,"applied":false}"#;
+        std::fs::write(&p, old).unwrap();
+        let o = load::<LeechRecord>(&p).unwrap().unwrap();
+        assert_eq!((o.round, o.adopted, o.reuse), (0, false, None));
         std::fs::write(&p, b"{not json").unwrap();
         assert!(
             load::<LeechRecord>(&p).is_err(),
