@@ -567,7 +567,8 @@ fn source_killed_before_finalize_without_backend_fails_loudly() {
         }
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "the leech did not give up"
+            "the leech did not give up:\n{}",
+            read_log(&dst.log)
         );
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -1648,7 +1649,14 @@ fn migrate_under_writer(dir: &Path, tag: &str, leech_args: &[&str]) -> (u64, u64
         &args,
     );
     // One chunk-sized unit per write: each write dirties one chunk.
-    let w = start_writers(&src.sock, model.clone(), 1, chunk, 8, Duration::from_millis(10));
+    let w = start_writers(
+        &src.sock,
+        model.clone(),
+        1,
+        chunk,
+        8,
+        Duration::from_millis(10),
+    );
     wait_present(&dst.ctl, 1.0);
     w.wait_acked(20);
     // Long enough after the first pass for the writer to dirty a good part
@@ -1737,7 +1745,13 @@ fn hot_chunks_rewritten_during_their_rounds_arrive_byte_for_byte() {
 }
 
 /// Starts `r3map leech` like [`start_leech`], with extra environment.
-fn start_leech_env(dir: &Path, tag: &str, from: &str, extra: &[String], env: &[(&str, &str)]) -> Dest {
+fn start_leech_env(
+    dir: &Path,
+    tag: &str,
+    from: &str,
+    extra: &[String],
+    env: &[(&str, &str)],
+) -> Dest {
     let sock = dir.join(format!("{tag}.sock"));
     let ctl = dir.join(format!("{tag}.ctl"));
     let log = dir.join(format!("{tag}.log"));
@@ -1796,7 +1810,14 @@ fn destination_crashed_between_a_round_and_its_record_resumes() {
     let (size, chunk) = (32 * MIB, 256 * KIB);
     let mut src = start_source(dir.path(), "a", "memory:", size, chunk);
     let model = Arc::new(Mutex::new(fill(&src.sock, dir.path(), size, 5)));
-    let w = start_writers(&src.sock, model.clone(), 1, chunk, 6, Duration::from_millis(2));
+    let w = start_writers(
+        &src.sock,
+        model.clone(),
+        1,
+        chunk,
+        6,
+        Duration::from_millis(2),
+    );
     w.wait_acked(10);
     let from = format!("127.0.0.1:{}", src.seed_port);
     let mut dst = start_leech_env(
@@ -1815,7 +1836,11 @@ fn destination_crashed_between_a_round_and_its_record_resumes() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!st.success(), "the leech aborted at the failpoint ({st})");
-    assert!(read_log(&dst.log).contains("failpoint"), "{}", read_log(&dst.log));
+    assert!(
+        read_log(&dst.log).contains("failpoint"),
+        "{}",
+        read_log(&dst.log)
+    );
     // Resumed on the same cache, no rounds: finalize right away.
     let mut dst = start_leech_env(dir.path(), "b", &from, &[s("--rounds"), s("0")], &[]);
     // Resumed (not started over): the record's last applied round is 1.

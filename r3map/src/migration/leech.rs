@@ -524,9 +524,7 @@ impl Leech {
             direct,
         });
         for _ in 0..cfg.pull_workers {
-            leech
-                .tasks
-                .spawn(puller.clone().worker(leech.stop.clone()));
+            leech.tasks.spawn(puller.clone().worker(leech.stop.clone()));
         }
         if !finalized {
             leech.tasks.spawn(precopy_rounds(
@@ -756,13 +754,15 @@ impl Leech {
             return Ok(());
         }
         self.phase.send_modify(|p| p.aborted = true);
-        // Nothing pulls or checks any more once abort returns.
+        // Nothing pulls or checks any more once abort returns. The rounds
+        // take the record lock: let go of it while they end (a finalize
+        // from now on sees `aborted`).
+        let session = rec.session;
+        drop(rec);
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        let req = pb::AbortRequest {
-            session: rec.session,
-        };
+        let req = pb::AbortRequest { session };
         match tokio::time::timeout(Duration::from_secs(5), self.control.clone().abort(req)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -926,11 +926,7 @@ async fn run_delta(leech: Weak<Leech>, claims: Vec<crate::managed::Claim>) {
         return;
     };
     let session = this.record.lock().await.session;
-    let (managed, client, stop) = (
-        this.managed.clone(),
-        this.seed.client(),
-        this.stop.clone(),
-    );
+    let (managed, client, stop) = (this.managed.clone(), this.seed.client(), this.stop.clone());
     drop(this);
     let r = pull::reuse_by_hash(&managed, client, session, claims, &stop).await;
     let Some(this) = leech.upgrade() else {
@@ -975,7 +971,7 @@ fn failpoint(name: &str) -> Option<u64> {
 /// chunks written since the last round and make them Missing again (they
 /// are pulled again, least-written first), until finalize.
 async fn precopy_rounds(leech: Weak<Leech>, managed: Arc<Managed>, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = RoundBackoff::default();
     loop {
         tokio::select! {
             _ = managed.wait_complete() => {}
@@ -1031,22 +1027,50 @@ async fn precopy_rounds(leech: Weak<Leech>, managed: Arc<Managed>, stop: Cancell
     }
 }
 
-/// Takes and applies one round; on a failed call waits `backoff` (doubled).
-async fn continue_round(leech: &Weak<Leech>, backoff: &mut Duration) {
+/// Failed rounds in a row: when, and how long to wait before the next.
+struct RoundBackoff {
+    wait: Duration,
+    failing_since: Option<Instant>,
+}
+
+impl Default for RoundBackoff {
+    fn default() -> Self {
+        RoundBackoff {
+            wait: Duration::from_millis(50),
+            failing_since: None,
+        }
+    }
+}
+
+/// Takes and applies one round; on a failed call waits (doubling). A
+/// seed that stays unreachable for the read patience is declared lost,
+/// as a failing read would: once the pull is done, the rounds are what
+/// notices a dead source before finalize.
+async fn continue_round(leech: &Weak<Leech>, b: &mut RoundBackoff) {
     let Some(this) = leech.upgrade() else {
         return;
     };
     match this.one_round().await {
-        Ok(()) => *backoff = Duration::from_millis(50),
+        Ok(()) => *b = RoundBackoff::default(),
         Err(e) => {
             debug!(error = %e, "migration: pre-copy round failed; trying again");
-            let (b, stop) = (*backoff, this.stop.clone());
+            if e.kind() == crate::ErrorKind::Unavailable {
+                let since = *b.failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= this.seed.patience() {
+                    this.seed.declare_lost(&format!(
+                        "pre-copy rounds failing for {:?}: {e}",
+                        since.elapsed()
+                    ));
+                    return;
+                }
+            }
+            let (w, stop) = (b.wait, this.stop.clone());
             drop(this);
             tokio::select! {
-                _ = tokio::time::sleep(b) => {}
+                _ = tokio::time::sleep(w) => {}
                 _ = stop.cancelled() => {}
             }
-            *backoff = (*backoff * 2).min(Duration::from_secs(5));
+            b.wait = (b.wait * 2).min(Duration::from_secs(1));
         }
     }
 }
@@ -1066,23 +1090,26 @@ impl Leech {
         };
         let crash_after = failpoint("leech-crash-after-dirty");
         let t = Instant::now();
-        let reply = tokio::time::timeout(
+        let mut c = self.control.clone();
+        let call = tokio::time::timeout(
             Duration::from_secs(30),
-            self.control
-                .clone()
-                .dirty(pb::DirtyRequest { session, round }),
-        )
-        .await
-        .map_err(|_| Error::Unavailable("seed Dirty timed out".into()))?
-        .map_err(Error::from)?
-        .into_inner();
+            c.dirty(pb::DirtyRequest { session, round }),
+        );
+        let reply = tokio::select! {
+            r = call => r,
+            _ = self.stop.cancelled() => return Ok(()),
+        };
+        let reply = reply
+            .map_err(|_| Error::Unavailable("seed Dirty timed out".into()))?
+            .map_err(Error::from)?
+            .into_inner();
         if crash_after == Some(round) {
             error!(round, "failpoint leech-crash-after-dirty: aborting");
             std::process::abort();
         }
         let count = self.managed.chunk_count();
-        let chunks = chunk_list("dirty", &reply.dirty, reply.dirty_chunks, count)
-            .map_err(Error::io)?;
+        let chunks =
+            chunk_list("dirty", &reply.dirty, reply.dirty_chunks, count).map_err(Error::io)?;
         let n = chunks.len() as u64;
         {
             let rec = self.record.lock().await;

@@ -175,10 +175,8 @@ impl Puller {
                 }
                 Err(s) => {
                     if seed::transient(&s) {
-                        self.seed.declare_lost(&format!(
-                            "reads failing for {:?}: {s}",
-                            start.elapsed()
-                        ));
+                        self.seed
+                            .declare_lost(&format!("reads failing for {:?}: {s}", start.elapsed()));
                     }
                     self.managed.unclaim(left.into());
                     return Err(Error::from(s));

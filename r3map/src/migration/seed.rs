@@ -186,11 +186,13 @@ impl seed_server::Seed for SeedService {
             let end = first + count;
             while i < end {
                 let n = (end - i).min(HASH_BATCH);
-                let item = hash_chunks(&region, i, n).await.map(|hashes| pb::HashesReply {
-                    first: i,
-                    hashes: hashes.into(),
-                    algorithm: HASH_ALGORITHM.into(),
-                });
+                let item = hash_chunks(&region, i, n)
+                    .await
+                    .map(|hashes| pb::HashesReply {
+                        first: i,
+                        hashes: hashes.into(),
+                        algorithm: HASH_ALGORITHM.into(),
+                    });
                 let failed = item.is_err();
                 if tx.send(item.map_err(status)).await.is_err() || failed {
                     return;
@@ -364,7 +366,9 @@ impl SeedClient {
             return Err(Status::unavailable("migration seed lost"));
         }
         let mut c = self.client.clone();
-        Ok(c.read(pb::ReadRequest { offset, length }).await?.into_inner())
+        Ok(c.read(pb::ReadRequest { offset, length })
+            .await?
+            .into_inner())
     }
 
     async fn read_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {

@@ -538,6 +538,9 @@ mod tests {
         );
         w.await.unwrap().unwrap();
         let r2 = t.take_round(2).unwrap();
-        assert!(r1.contains(5) || r2.contains(5), "the write was never named");
+        assert!(
+            r1.contains(5) || r2.contains(5),
+            "the write was never named"
+        );
     }
 }
