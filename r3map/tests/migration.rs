@@ -1641,7 +1641,7 @@ fn migrate_under_writer(dir: &Path, tag: &str, leech_args: &[&str]) -> (u64, u64
     let (size, chunk) = (32 * MIB, 256 * KIB);
     let mut src = start_source(dir, &format!("{tag}-src"), "memory:", size, chunk);
     let model = Arc::new(Mutex::new(fill(&src.sock, dir, size, 7)));
-    let args: Vec<String> = leech_args.iter().map(|a| s(a)).collect();
+    let args: Vec<String> = leech_args.iter().map(s).collect();
     let mut dst = start_leech(
         dir,
         &format!("{tag}-dst"),

@@ -73,8 +73,8 @@ fn write_chunk(cache: &File, direct: Option<&File>, data: &[u8], off: u64) -> st
         return crate::backend::file::punch_hole(cache, off, data.len() as u64)
             .map_err(std::io::Error::from);
     }
-    let aligned = off % ALIGN as u64 == 0
-        && data.len() % ALIGN == 0
+    let aligned = off.is_multiple_of(ALIGN as u64)
+        && data.len().is_multiple_of(ALIGN)
         && data.as_ptr().align_offset(ALIGN) == 0;
     if let (Some(d), true) = (direct, aligned) {
         match d.write_all_at(data, off) {
@@ -360,7 +360,7 @@ pub(super) async fn reuse_by_hash(
             )));
         }
         let n = (batch.hashes.len() / HASH_LEN) as u64;
-        if !batch.first.checked_add(n).is_some_and(|e| e <= count) {
+        if batch.first.checked_add(n).is_none_or(|e| e > count) {
             give_back(&mut claims);
             return Err(Error::io("seed sent hashes past the region's end"));
         }

@@ -175,7 +175,7 @@ impl seed_server::Seed for SeedService {
         let region = self.source.tracked().clone();
         let chunk = region.chunk_size();
         let chunks = region.size().div_ceil(chunk);
-        if !first.checked_add(count).is_some_and(|e| e <= chunks) {
+        if first.checked_add(count).is_none_or(|e| e > chunks) {
             return Err(Status::out_of_range(format!(
                 "chunks {first}+{count} are outside the {chunks} chunks of the region"
             )));
