@@ -103,21 +103,49 @@ pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-/// Writes a record crash-safely (blocking: call off the runtime threads).
-pub fn store<T: Serialize>(path: &Path, rec: &T) -> Result<()> {
+fn tmp_path(path: &Path) -> PathBuf {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    PathBuf::from(tmp)
+}
+
+/// Writes a record crash-safely (blocking: call off the runtime threads).
+pub fn store<T: Serialize>(path: &Path, rec: &T) -> Result<()> {
+    prepare(path, rec)?;
+    commit(path)
+}
+
+/// The first half of [`store`]: the new record, written aside and synced.
+/// Until [`commit`], the old record is the one in force.
+pub fn prepare<T: Serialize>(path: &Path, rec: &T) -> Result<()> {
     let body = serde_json::to_vec_pretty(rec).map_err(|e| Error::io(e.to_string()))?;
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &body)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
+    let mut f = std::fs::File::create(tmp_path(path))?;
+    std::io::Write::write_all(&mut f, &body)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The second half of [`store`]: the prepared record replaces the old one
+/// (rename, then the directory synced).
+pub fn commit(path: &Path) -> Result<()> {
+    std::fs::rename(tmp_path(path), path)?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
     Ok(())
+}
+
+/// [`prepare`] on a blocking thread.
+pub async fn prepare_async<T: Serialize + Send + 'static>(path: PathBuf, rec: T) -> Result<()> {
+    tokio::task::spawn_blocking(move || prepare(&path, &rec))
+        .await
+        .map_err(|e| Error::io(e.to_string()))?
+}
+
+/// [`commit`] on a blocking thread.
+pub async fn commit_async(path: PathBuf) -> Result<()> {
+    tokio::task::spawn_blocking(move || commit(&path))
+        .await
+        .map_err(|e| Error::io(e.to_string()))?
 }
 
 /// [`store`] on a blocking thread.
