@@ -1479,7 +1479,7 @@ fn destination_restarted_mid_pull_resumes() {
     require("nbdcopy");
     let _g = serial();
     let dir = tmp();
-    let (size, chunk) = (16 * MIB, 256 * KIB);
+    let (size, chunk) = (64 * MIB, 256 * KIB);
     let img = dir.path().join("region.img");
     let mut src = start_source(
         dir.path(),
@@ -1489,10 +1489,11 @@ fn destination_restarted_mid_pull_resumes() {
         chunk,
     );
     let model = Arc::new(Mutex::new(fill(&src.sock, dir.path(), size, 41)));
-    // A slow link, so the kill lands mid-pull.
-    let (_relay, rport) = relay(dir.path(), src.seed_port, "20ms");
+    // A slow link and one pull stream (8 MiB, i.e. 32 chunks, per call),
+    // so the kill lands mid-pull.
+    let (_relay, rport) = relay(dir.path(), src.seed_port, "40ms");
     let from = format!("127.0.0.1:{rport}");
-    let extra = [s("--pull-workers"), s(2)];
+    let extra = [s("--pull-workers"), s(1)];
     let mut dst = start_leech(dir.path(), "b", &from, &extra);
     let w = start_writers(
         &src.sock,
@@ -1517,7 +1518,7 @@ fn destination_restarted_mid_pull_resumes() {
             break p;
         }
         assert!(Instant::now() < deadline, "the pull made no progress");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     };
     assert!(before < size / chunk, "pulled everything before the kill");
     kill9(&mut dst.proc);
