@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::pb::{self, leech_server};
 use super::pull::{self, Puller};
@@ -199,6 +199,9 @@ struct Rounds {
     /// Rounds that named each chunk (saturating): the least-written are
     /// pulled first.
     writes: Vec<u8>,
+    /// The seed predates rounds (`Dirty` unimplemented): none are taken,
+    /// finalize hands over every chunk written since Track.
+    unsupported: bool,
 }
 
 /// The destination of a migration; see the module docs.
@@ -513,10 +516,12 @@ impl Leech {
             leech.resume_finalized().await?;
         }
         info!(from = %cfg.from, size, chunk, resumed, finalized, delta, "migration: pulling from the seed");
+        // The leech's own tasks log under one span naming the migration.
+        let span = info_span!("leech", from = %cfg.from, cache = %cfg.cache.display());
         if delta {
             leech
                 .tasks
-                .spawn(run_delta(Arc::downgrade(&leech), delta_claims));
+                .spawn(run_delta(Arc::downgrade(&leech), delta_claims).instrument(span.clone()));
         }
         let puller = Arc::new(Puller {
             managed: leech.managed.clone(),
@@ -524,14 +529,22 @@ impl Leech {
             direct,
         });
         for _ in 0..cfg.pull_workers {
-            leech.tasks.spawn(puller.clone().worker(leech.stop.clone()));
+            leech.tasks.spawn(
+                puller
+                    .clone()
+                    .worker(leech.stop.clone())
+                    .instrument(span.clone()),
+            );
         }
         if !finalized {
-            leech.tasks.spawn(precopy_rounds(
-                Arc::downgrade(&leech),
-                leech.managed.clone(),
-                leech.stop.clone(),
-            ));
+            leech.tasks.spawn(
+                precopy_rounds(
+                    Arc::downgrade(&leech),
+                    leech.managed.clone(),
+                    leech.stop.clone(),
+                )
+                .instrument(span),
+            );
         }
         tokio::spawn(watch_seed(
             Arc::downgrade(&leech),
@@ -1011,6 +1024,7 @@ async fn precopy_rounds(leech: Weak<Leech>, managed: Arc<Managed>, stop: Cancell
             let mut r = this.rounds.lock().unwrap();
             let chunk_bytes = this.chunk.max(1);
             let now = pc.max_rounds == 0
+                || r.unsupported
                 || (r.applied > 0 && r.last.saturating_mul(chunk_bytes) <= pc.converge_bytes)
                 || (r.applied > 1 && r.last >= r.prev)
                 || r.applied >= pc.max_rounds as u64;
@@ -1026,7 +1040,7 @@ async fn precopy_rounds(leech: Weak<Leech>, managed: Arc<Managed>, stop: Cancell
         };
         if converged {
             this.phase.send_modify(|p| p.converged = true);
-            if pc.max_rounds == 0 {
+            if pc.max_rounds == 0 || this.rounds.lock().unwrap().unsupported {
                 return;
             }
             drop(this);
@@ -1119,10 +1133,15 @@ impl Leech {
             r = call => r,
             _ = self.stop.cancelled() => return Ok(()),
         };
-        let reply = reply
-            .map_err(|_| Error::Unavailable("seed Dirty timed out".into()))?
-            .map_err(Error::from)?
-            .into_inner();
+        let reply = match reply {
+            Err(_) => return Err(Error::Unavailable("seed Dirty timed out".into())),
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                warn!("migration: the seed predates pre-copy rounds; finalize hands over every chunk written since the start");
+                self.rounds.lock().unwrap().unsupported = true;
+                return Ok(());
+            }
+            Ok(r) => r.map_err(Error::from)?.into_inner(),
+        };
         if crash_after == Some(round) {
             error!(round, "failpoint leech-crash-after-dirty: aborting");
             std::process::abort();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::{debug, debug_span, info, warn, Instrument};
 
 use super::pb::{self, seed_server};
 use super::record::Handover;
@@ -181,25 +181,29 @@ impl seed_server::Seed for SeedService {
             )));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(async move {
-            let mut i = first;
-            let end = first + count;
-            while i < end {
-                let n = (end - i).min(HASH_BATCH);
-                let item = hash_chunks(&region, i, n)
-                    .await
-                    .map(|hashes| pb::HashesReply {
-                        first: i,
-                        hashes: hashes.into(),
-                        algorithm: HASH_ALGORITHM.into(),
-                    });
-                let failed = item.is_err();
-                if tx.send(item.map_err(status)).await.is_err() || failed {
-                    return;
+        let span = debug_span!("seed_hashes", first, count);
+        tokio::spawn(
+            async move {
+                let mut i = first;
+                let end = first + count;
+                while i < end {
+                    let n = (end - i).min(HASH_BATCH);
+                    let item = hash_chunks(&region, i, n)
+                        .await
+                        .map(|hashes| pb::HashesReply {
+                            first: i,
+                            hashes: hashes.into(),
+                            algorithm: HASH_ALGORITHM.into(),
+                        });
+                    let failed = item.is_err();
+                    if tx.send(item.map_err(status)).await.is_err() || failed {
+                        return;
+                    }
+                    i += n;
                 }
-                i += n;
             }
-        });
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
