@@ -168,12 +168,20 @@ impl Puller {
             let r = self.stream_into(off, len, &mut left, buf).await;
             match r {
                 Ok(()) => {}
-                Err(s) if seed::transient(&s) && start.elapsed() < self.seed.patience() => {
+                Err(StreamError::Local(e)) => {
+                    // Not the seed's fault: the worker backs off and the
+                    // chunks are tried again later.
+                    self.managed.unclaim(left.into());
+                    return Err(e);
+                }
+                Err(StreamError::Seed(s))
+                    if seed::transient(&s) && start.elapsed() < self.seed.patience() =>
+                {
                     debug!(error = %s, "seed read failed; retrying from the chunk reached");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
-                Err(s) => {
+                Err(StreamError::Seed(s)) => {
                     if seed::transient(&s) {
                         self.seed
                             .declare_lost(&format!("reads failing for {:?}: {s}", start.elapsed()));
@@ -194,7 +202,7 @@ impl Puller {
         len: u64,
         left: &mut VecDeque<Claim>,
         buf: &mut Option<Arc<AlignedBuf>>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), StreamError> {
         let chunk = self.managed.chunk_size() as usize;
         let mut s = self.seed.open_read(off, len).await?;
         let mut b = take_buf(buf, chunk);
@@ -207,7 +215,7 @@ impl Puller {
             let mut data: Bytes = piece.data;
             while !data.is_empty() {
                 let Some(claim) = left.front() else {
-                    return Err(Status::internal("seed sent more bytes than asked"));
+                    return Err(Status::internal("seed sent more bytes than asked").into());
                 };
                 let n = (want - pos).min(data.len());
                 Arc::get_mut(&mut b).expect("buffer owned here").bytes_mut()[pos..pos + n]
@@ -227,9 +235,9 @@ impl Puller {
                     })
                     .await;
                 if let Err(e) = installed {
-                    // A local write failed: not the seed's fault, and not
-                    // worth retrying the stream for.
-                    return Err(Status::internal(format!("installing chunk {i}: {e}")));
+                    return Err(StreamError::Local(
+                        e.context(format!("installing chunk {i}")),
+                    ));
                 }
                 // The install's closure is gone: the buffer is ours again.
                 if Arc::get_mut(&mut b).is_none() {
@@ -244,10 +252,10 @@ impl Puller {
         }
         *buf = Some(b);
         if !left.is_empty() {
-            return Err(Status::unavailable(format!(
+            return Err(StreamError::Seed(Status::unavailable(format!(
                 "seed stream ended {} chunks short",
                 left.len()
-            )));
+            ))));
         }
         Ok(())
     }
@@ -279,6 +287,20 @@ impl Puller {
             at += len;
         }
         Ok(())
+    }
+}
+
+/// Why a streamed run stopped.
+enum StreamError {
+    /// The seed's read failed (maybe worth retrying).
+    Seed(Status),
+    /// Writing into the cache failed.
+    Local(Error),
+}
+
+impl From<Status> for StreamError {
+    fn from(s: Status) -> Self {
+        StreamError::Seed(s)
     }
 }
 
