@@ -124,6 +124,8 @@ async fn main() -> Result<(), BoxError> {
         patience: Duration::from_secs(10),
         pull_workers: 4,
         volume: None,
+        reuse: None,
+        precopy: Default::default(),
     })
     .await?;
     // Written at the source during the pre-copy: in the dirty list.

@@ -35,7 +35,8 @@ enum Cmd {
     /// Serve a remote backend through a local cache: pull in the background, push written chunks.
     Mount(r3map::managed::cli::MountArgs),
     /// Migration destination: pull a region from a source's Seed, serve it once finalized.
-    Leech(r3map::migration::cli::LeechArgs),
+    // Boxed: by far the largest set of flags (clippy::large_enum_variant).
+    Leech(Box<r3map::migration::cli::LeechArgs>),
     /// Tell a leech to finalize its migration (the source stops taking writes).
     Finalize(r3map::migration::cli::FinalizeArgs),
     /// Progress of a leech: chunks present, finalized, complete.
@@ -110,7 +111,7 @@ fn main() -> ExitCode {
             Cmd::Relay(a) => relay(a).await,
             Cmd::Backend(a) => r3map::remote::cli::run(a).await,
             Cmd::Mount(a) => r3map::managed::cli::run(a).await,
-            Cmd::Leech(a) => r3map::migration::cli::run_leech(a)
+            Cmd::Leech(a) => r3map::migration::cli::run_leech(*a)
                 .await
                 .map_err(|e| e as _),
             Cmd::Finalize(a) => r3map::migration::cli::run_finalize(a)

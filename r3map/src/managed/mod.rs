@@ -25,6 +25,7 @@
 //! being pushed Dirty; a per-chunk epoch discards fetches made stale by
 //! [`Managed::mark_missing`] or by a write covering the whole chunk.
 
+mod bulk;
 mod cache;
 pub mod cli;
 mod fetch;
@@ -46,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{Backend, Error, Result};
+pub use bulk::Claim;
 pub use lock::{lock_path, CacheLock};
 pub use progress::Progress;
 pub use state::{state_path, ChunkState};

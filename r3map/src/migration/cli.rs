@@ -21,6 +21,10 @@ use crate::net::{self, Endpoint, Keepalive, Listener, ServerAuth, ServerTls, Tok
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_size::parse_size(s).map_err(|e| e.to_string())
+}
+
 /// Options of `r3map serve` that make it a migration source.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SeedArgs {
@@ -132,9 +136,25 @@ pub struct LeechArgs {
     /// fenced store at finalize); random if not given
     #[arg(long, value_name = "NAME")]
     pub owner: Option<String>,
-    /// Background pull workers (chunks in flight)
-    #[arg(long, default_value_t = crate::managed::DEFAULT_PULL_WORKERS)]
+    /// Pull streams (each pulls runs of up to 8 MiB of missing chunks in
+    /// one call)
+    #[arg(long, default_value_t = leech::DEFAULT_PULL_STREAMS)]
     pub pull_workers: usize,
+    /// An older copy of the region (e.g. the cache this node kept when the
+    /// region left it; may be --cache itself): it becomes the cache, and
+    /// only chunks whose hash differs from the seed's are pulled
+    #[arg(long, value_name = "PATH")]
+    pub reuse: Option<PathBuf>,
+    /// Pre-copy rounds before the migration counts as converged even if
+    /// they still shrink; 0 turns rounds off
+    #[arg(long, default_value_t = leech::Precopy::default().max_rounds)]
+    pub rounds: u32,
+    /// A pre-copy round naming at most this many bytes converges
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
+    pub converge: u64,
+    /// Once converged, interval between rounds
+    #[arg(long, default_value = "500ms", value_parser = crate::cli::duration)]
+    pub settle: Duration,
     /// How long failing seed reads are retried before the seed is declared lost
     #[arg(long, default_value = "5s", value_parser = crate::cli::duration)]
     pub seed_timeout: Duration,
@@ -171,6 +191,12 @@ pub async fn run_leech(a: LeechArgs) -> Result<(), BoxError> {
         patience: a.seed_timeout,
         pull_workers: a.pull_workers,
         volume: None,
+        reuse: a.reuse.clone(),
+        precopy: leech::Precopy {
+            max_rounds: a.rounds,
+            converge_bytes: a.converge,
+            settle: a.settle,
+        },
     })
     .await?;
 
@@ -273,6 +299,10 @@ pub struct FinalizeArgs {
     /// After finalizing, wait until every chunk is at the destination
     #[arg(long)]
     pub wait: bool,
+    /// Before finalizing, wait until the pre-copy converged (its rounds
+    /// are small or stopped shrinking), so the hand-over list is short
+    #[arg(long)]
+    pub converged: bool,
     /// Give up waiting after this long
     #[arg(long, default_value = "1h", value_parser = crate::cli::duration)]
     pub timeout: Duration,
@@ -295,6 +325,30 @@ async fn leech_client(
 /// second one when the destination holds every chunk.
 pub async fn run_finalize(a: FinalizeArgs) -> Result<(), BoxError> {
     let mut c = leech_client(&a.leech, a.token_file.as_deref(), &a.tls).await?;
+    if a.converged {
+        let deadline = Instant::now() + a.timeout;
+        loop {
+            let s = c
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(|s| format!("status: {}", s.message()))?
+                .into_inner();
+            if !s.error.is_empty() {
+                return Err(format!("migration failed: {}", s.error).into());
+            }
+            if s.converged || s.finalized {
+                println!(
+                    "converged rounds={} last_round_chunks={}",
+                    s.rounds, s.last_round_chunks
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not converged after {:?}", a.timeout).into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     let t = Instant::now();
     let r = c
         .finalize(pb::LeechFinalizeRequest {
@@ -304,13 +358,14 @@ pub async fn run_finalize(a: FinalizeArgs) -> Result<(), BoxError> {
         .map_err(|s| format!("finalize: {}", s.message()))?
         .into_inner();
     println!(
-        "finalized dirty_chunks={} unpushed_chunks={} epoch={} leech_us={} call_us={} seed_lost={}",
+        "finalized dirty_chunks={} unpushed_chunks={} epoch={} leech_us={} call_us={} seed_lost={} rounds={}",
         r.dirty_chunks,
         r.unpushed_chunks,
         r.epoch,
         r.elapsed_us,
         t.elapsed().as_micros(),
-        r.seed_lost
+        r.seed_lost,
+        r.rounds
     );
     if !a.wait {
         return Ok(());
@@ -330,9 +385,12 @@ pub async fn run_finalize(a: FinalizeArgs) -> Result<(), BoxError> {
         }
         if s.complete {
             println!(
-                "complete chunks={} wait_us={}",
+                "complete chunks={} wait_us={} bytes_pulled={} after_finalize={} reused={}",
                 s.chunks_total,
-                t.elapsed().as_micros()
+                t.elapsed().as_micros(),
+                s.bytes_pulled,
+                s.bytes_pulled - s.bytes_pulled_at_finalize.min(s.bytes_pulled),
+                s.chunks_reused
             );
             return Ok(());
         }
@@ -370,7 +428,7 @@ pub async fn run_status(a: StatusArgs) -> Result<(), BoxError> {
         .map_err(|s| format!("status: {}", s.message()))?
         .into_inner();
     println!(
-        "size={} chunk_size={} total={} present={} finalized={} complete={} seed_lost={} fallback={} aborted={} epoch={} error={:?}",
+        "size={} chunk_size={} total={} present={} finalized={} complete={} seed_lost={} fallback={} aborted={} epoch={} rounds={} last_round={} converged={} pulled={} reused={} error={:?}",
         s.size,
         s.chunk_size,
         s.chunks_total,
@@ -381,6 +439,11 @@ pub async fn run_status(a: StatusArgs) -> Result<(), BoxError> {
         s.fallback,
         s.aborted,
         s.epoch,
+        s.rounds,
+        s.last_round_chunks,
+        s.converged,
+        s.bytes_pulled,
+        s.chunks_reused,
         s.error
     );
     Ok(())

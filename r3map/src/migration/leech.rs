@@ -9,17 +9,20 @@
 //! fallback backend; without a fallback the destination refuses to serve.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::pb::{self, leech_server};
+use super::pull::{self, Puller};
 use super::record::{self, Handover, LeechRecord};
-use super::seed::{handover_of, SeedClient};
+use super::seed::{chunk_list, handover_of, SeedClient};
 use crate::backend::Backend;
 use crate::managed::{self, Managed};
 use crate::net::{self, Endpoint, Keepalive, Token};
@@ -44,11 +47,75 @@ pub struct Config {
     pub owner: Option<String>,
     /// How long seed reads are retried before the seed is declared lost.
     pub patience: Duration,
-    /// Background pull workers.
+    /// Pull streams: each pulls runs of consecutive missing chunks (up to
+    /// 8 MiB) in one call.
     pub pull_workers: usize,
     /// The volume to ask for when the seed's server serves several (sent
     /// as [`crate::auth::VOLUME_HEADER`] with every call).
     pub volume: Option<String>,
+    /// An older copy of the region (a cache this node kept when the region
+    /// left it, or any file holding the region's bytes as they once were).
+    /// It becomes the cache (renamed, so on the same file system; it may be
+    /// `cache` itself), every chunk is checked against the seed's hash and
+    /// only the differing ones are pulled. Ignored on a resume past its
+    /// check. A file of another size is cut or extended to the region's.
+    pub reuse: Option<PathBuf>,
+    /// Iterative pre-copy.
+    pub precopy: Precopy,
+}
+
+impl Config {
+    /// A configuration with the defaults: no token, TLS, fallback or old
+    /// copy, a random owner, 5 s of patience, 8 pull streams, default
+    /// pre-copy rounds.
+    pub fn new(from: Endpoint, cache: PathBuf) -> Config {
+        Config {
+            from,
+            token: None,
+            tls: None,
+            cache,
+            fallback: None,
+            owner: None,
+            patience: Duration::from_secs(5),
+            pull_workers: DEFAULT_PULL_STREAMS,
+            reuse: None,
+            precopy: Precopy::default(),
+            volume: None,
+        }
+    }
+}
+
+/// Default pull streams of a destination: enough to keep a 10 ms link
+/// busy at 1 GB/s (8 x 8 MiB in flight), few enough not to thrash 2 CPUs.
+pub const DEFAULT_PULL_STREAMS: usize = 8;
+
+/// Iterative pre-copy (Silo's approach): after the first pass, rounds of
+/// the chunks written at the source meanwhile, each re-pulled, until a
+/// round is small or stops shrinking: then the migration is *converged*
+/// and a finalize hands over only what was written since the last round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Precopy {
+    /// Rounds before the migration counts as converged even if the rounds
+    /// still shrink; 0 turns rounds off (finalize hands over every chunk
+    /// written since Track).
+    pub max_rounds: u32,
+    /// A round naming at most this many bytes of chunks converges.
+    pub converge_bytes: u64,
+    /// Once converged, rounds go on at this interval (so the hand-over list
+    /// stays short whenever finalize comes) rather than back to back (a
+    /// chunk the source rewrites all the time would be pulled again and
+    /// again).
+    pub settle: Duration,
+}
+
+impl Default for Precopy {
+    fn default() -> Self {
+        Precopy {
+            max_rounds: 10,
+            converge_bytes: 16 << 20,
+            settle: Duration::from_millis(500),
+        }
+    }
 }
 
 /// What happened to the migration, for status and the process exit code.
@@ -64,6 +131,8 @@ pub struct Phase {
     pub aborted: bool,
     /// Set when the destination can no longer complete the migration.
     pub fatal: Option<String>,
+    /// The pre-copy rounds converged (see [`Precopy`]).
+    pub converged: bool,
 }
 
 /// Typed status of a destination.
@@ -91,6 +160,17 @@ pub struct MigrationStatus {
     pub epoch: Option<u64>,
     /// Why the migration cannot complete, if it cannot.
     pub error: Option<String>,
+    /// Pre-copy rounds applied.
+    pub rounds: u64,
+    /// Chunks the last round named.
+    pub last_round_chunks: u64,
+    /// The rounds are small or stopped shrinking: finalize now.
+    pub converged: bool,
+    /// Bytes pulled as of finalize (the rest of `progress.bytes_pulled`
+    /// came after the hand-over).
+    pub bytes_pulled_at_finalize: Option<u64>,
+    /// Chunks taken from an older copy after a hash check.
+    pub chunks_reused: u64,
     /// The cache's counters.
     pub progress: crate::managed::Progress,
 }
@@ -108,6 +188,24 @@ pub struct FinalizeOutcome {
     pub seed_lost: bool,
     /// The epoch the region was taken over at, if fenced.
     pub epoch: Option<u64>,
+    /// Pre-copy rounds applied before finalize.
+    pub rounds: u64,
+}
+
+/// Where the pre-copy rounds stand.
+#[derive(Debug, Default)]
+struct Rounds {
+    /// Chunks named by the last round, and by the one before.
+    last: u64,
+    prev: u64,
+    applied: u64,
+    converged: bool,
+    /// Rounds that named each chunk (saturating): the least-written are
+    /// pulled first.
+    writes: Vec<u8>,
+    /// The seed predates rounds (`Dirty` unimplemented): none are taken,
+    /// finalize hands over every chunk written since Track.
+    unsupported: bool,
 }
 
 /// The destination of a migration; see the module docs.
@@ -126,6 +224,12 @@ pub struct Leech {
     started: Instant,
     complete_at: Mutex<Option<Duration>>,
     stop: CancellationToken,
+    /// The pull workers, the rounds and the delta check.
+    tasks: TaskTracker,
+    precopy: Precopy,
+    rounds: Mutex<Rounds>,
+    reused: AtomicU64,
+    pulled_at_finalize: Mutex<Option<u64>>,
 }
 
 impl Drop for Leech {
@@ -145,6 +249,46 @@ fn random_owner() -> String {
     let _ = std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
     format!("leech-{:016x}", u64::from_be_bytes(b))
+}
+
+/// Makes the older copy at `old` the cache at `cache` (renamed; `old` may
+/// be `cache`), the size of the region, with a fresh state file: every
+/// chunk Missing, so nothing of it is trusted before its hash check. Safe
+/// to run again after a crash at any step. Blocking.
+fn adopt(old: &Path, cache: &Path, chunk: u64, size: u64) -> Result<()> {
+    {
+        // Nobody may be using the old copy: a mount of it would keep writing.
+        let _lock = managed::CacheLock::acquire(old)?;
+        if old != cache {
+            if old.exists() && !cache.exists() {
+                std::fs::rename(old, cache)?;
+            }
+            // They describe the old copy as it was, at its old path.
+            for p in [managed::state_path(old), record::record_path(old)] {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    if !cache.exists() {
+        // Gone before the rename: the mount makes a new cache.
+        let s = managed::state_path(cache);
+        return match std::fs::remove_file(&s) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        };
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(cache)?;
+    if f.metadata()?.len() != size {
+        f.set_len(size)?;
+    }
+    f.sync_all()?;
+    // Replaces the old state file atomically (written aside, renamed).
+    managed::state::StateFile::create(&managed::state_path(cache), chunk, size)?;
+    Ok(())
 }
 
 /// Removes the cache, its state file and the migration record.
@@ -177,15 +321,34 @@ impl Leech {
         }
         let rpath = record::record_path(&cfg.cache);
         let rp = rpath.clone();
-        let mut rec: Option<LeechRecord> = tokio::task::spawn_blocking(move || record::load(&rp))
-            .await
-            .map_err(|e| Error::io(e.to_string()))??;
-        if rec.is_none() {
+        let found: Option<serde_json::Value> =
+            tokio::task::spawn_blocking(move || record::load(&rp))
+                .await
+                .map_err(|e| Error::io(e.to_string()))??;
+        let reuse_in_place = cfg.reuse.as_deref() == Some(cfg.cache.as_path());
+        let mut reuse_path = cfg.reuse.clone();
+        let mut rec: Option<LeechRecord> = match found {
+            None => None,
+            Some(v) if v.get("role").and_then(|r| r.as_str()) == Some("destination") => Some(
+                serde_json::from_value(v)
+                    .map_err(|e| Error::io(format!("{}: {e}", rpath.display())))?,
+            ),
+            // The record of a source that handed this region over: the
+            // cache is an older copy, usable only through a hash check.
+            Some(_) if reuse_in_place => None,
+            Some(_) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} belongs to a region this node handed over; pass the cache as the older copy to reuse, or remove it",
+                    rpath.display()
+                )))
+            }
+        };
+        if rec.is_none() && !reuse_in_place {
             let state = managed::state_path(&cfg.cache);
             for p in [&cfg.cache, &state] {
                 if p.exists() {
                     return Err(Error::FailedPrecondition(format!(
-                        "{} exists but no migration record does: a migration starts from an empty cache (remove it)",
+                        "{} exists but no migration record does: a migration starts from an empty cache or an older copy given as reuse (remove it)",
                         p.display()
                     )));
                 }
@@ -220,25 +383,49 @@ impl Leech {
         };
         // A record of another session: nothing pulled can be trusted.
         if let Some(r) = &rec {
-            if r.handover.is_none() && (r.session != info.session || !info.tracking) {
+            let other = r.session != info.session || !info.tracking;
+            if reuse_in_place && other {
+                // The cache is an older copy (e.g. of a migration that
+                // ended here before the region left again): checked by
+                // hash, never resumed as it is.
+                info!(
+                    recorded = r.session,
+                    seed = info.session,
+                    "migration: the cache holds an older copy; checking it against the seed"
+                );
+                record::remove_async(rpath.clone()).await?;
+                rec = None;
+            } else if r.handover.is_none() && other {
                 warn!(
                     recorded = r.session,
                     seed = info.session,
                     "migration: the seed's tracking session changed (source restarted?); starting over"
                 );
+                // An older copy already adopted stays: it is checked by
+                // hash again, never trusted as it is.
+                let keep = r.adopted || reuse_in_place;
+                if keep {
+                    reuse_path = Some(cfg.cache.clone());
+                }
                 let c = cfg.cache.clone();
-                tokio::task::spawn_blocking(move || remove_cache(&c))
-                    .await
-                    .map_err(|e| Error::io(e.to_string()))??;
+                tokio::task::spawn_blocking(move || {
+                    if keep {
+                        record::remove(&record::record_path(&c))
+                    } else {
+                        remove_cache(&c)
+                    }
+                })
+                .await
+                .map_err(|e| Error::io(e.to_string()))??;
                 rec = None;
             }
         }
         let resumed = rec.is_some();
-        let rec = match rec {
+        let mut rec = match rec {
             Some(r) => r,
             None => {
-                // Track before the first read: every write the seed
-                // acknowledges after this is in the dirty list.
+                // Track before the first read (and the first hash): every
+                // write the seed acknowledges after this is in the dirty list.
                 let session = control
                     .clone()
                     .track(pb::TrackRequest {})
@@ -246,21 +433,41 @@ impl Leech {
                     .map_err(Error::from)?
                     .into_inner()
                     .session;
+                let reuse = match &reuse_path {
+                    Some(p) if p.exists() => Some(p.clone()),
+                    Some(p) => {
+                        warn!(path = %p.display(), "migration: no older copy there; pulling everything");
+                        None
+                    }
+                    None => None,
+                };
                 let r = LeechRecord {
                     role: "destination".into(),
                     from: cfg.from.to_string(),
                     session,
                     owner: cfg.owner.clone().unwrap_or_else(random_owner),
+                    reuse,
                     ..Default::default()
                 };
                 record::store_async(rpath.clone(), r.clone()).await?;
                 r
             }
         };
+        if rec.handover.is_none() && !rec.adopted {
+            if let Some(old) = rec.reuse.clone() {
+                let cache = cfg.cache.clone();
+                tokio::task::spawn_blocking(move || adopt(&old, &cache, chunk, size))
+                    .await
+                    .map_err(|e| Error::io(e.to_string()))??;
+                rec.adopted = true;
+                record::store_async(rpath.clone(), rec.clone()).await?;
+            }
+        }
         let seed = Arc::new(seed);
         let opts = managed::Options {
             chunk_size: chunk,
-            pull_workers: cfg.pull_workers,
+            // The pull is ours (`pull.rs`): runs of chunks per call.
+            pull_workers: 0,
             ..Default::default()
         };
         let source: Arc<dyn Backend> = seed.clone();
@@ -274,6 +481,19 @@ impl Leech {
         if !finalized {
             m.hold().await;
         }
+        let c = cfg.cache.clone();
+        let direct = tokio::task::spawn_blocking(move || pull::open_direct(&c))
+            .await
+            .map_err(|e| Error::io(e.to_string()))?;
+        let delta = rec.adopted && !rec.delta_done && !finalized;
+        // Claimed before any pull worker starts, so none pulls a chunk the
+        // older copy may already hold.
+        let delta_claims = if delta {
+            let all: Vec<u64> = (0..m.chunk_count()).collect();
+            m.claim(&all)
+        } else {
+            Vec::new()
+        };
         let leech = Arc::new(Leech {
             managed: m,
             seed,
@@ -282,17 +502,55 @@ impl Leech {
             chunk,
             cache: cfg.cache.clone(),
             record_path: rpath,
+            rounds: Mutex::new(Rounds {
+                applied: rec.round,
+                ..Default::default()
+            }),
             record: tokio::sync::Mutex::new(rec),
             outcome: Mutex::new(None),
             phase: watch::channel(Phase::default()).0,
             started: Instant::now(),
             complete_at: Mutex::new(None),
             stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            precopy: cfg.precopy.clone(),
+            reused: AtomicU64::new(0),
+            pulled_at_finalize: Mutex::new(None),
         });
         if finalized {
             leech.resume_finalized().await?;
         }
-        info!(from = %cfg.from, size, chunk, resumed, finalized, "migration: pulling from the seed");
+        info!(from = %cfg.from, size, chunk, resumed, finalized, delta, "migration: pulling from the seed");
+        // The leech's own tasks log under one span naming the migration.
+        let span = info_span!("leech", from = %cfg.from, cache = %cfg.cache.display());
+        if delta {
+            leech
+                .tasks
+                .spawn(run_delta(Arc::downgrade(&leech), delta_claims).instrument(span.clone()));
+        }
+        let puller = Arc::new(Puller {
+            managed: leech.managed.clone(),
+            seed: leech.seed.clone(),
+            direct,
+        });
+        for _ in 0..cfg.pull_workers {
+            leech.tasks.spawn(
+                puller
+                    .clone()
+                    .worker(leech.stop.clone())
+                    .instrument(span.clone()),
+            );
+        }
+        if !finalized {
+            leech.tasks.spawn(
+                precopy_rounds(
+                    Arc::downgrade(&leech),
+                    leech.managed.clone(),
+                    leech.stop.clone(),
+                )
+                .instrument(span),
+            );
+        }
         tokio::spawn(watch_seed(
             Arc::downgrade(&leech),
             leech.seed.lost_watch(),
@@ -362,12 +620,19 @@ impl Leech {
     /// Applies a hand-over to the cache: chunks written at the source since
     /// Track are pulled again, those it never pushed are pushed from here.
     async fn apply(&self, h: &Handover) -> Result<()> {
+        self.mark(h).await?;
+        self.managed.sync_local().await
+    }
+
+    /// [`Leech::apply`] without the sync.
+    async fn mark(&self, h: &Handover) -> Result<()> {
         let expand = |runs: &[(u64, u64)]| -> Vec<u64> {
             runs.iter().flat_map(|&(f, c)| f..f + c).collect()
         };
-        self.managed.mark_missing(&expand(&h.dirty)).await?;
-        self.managed.mark_dirty(&expand(&h.unpushed))?;
-        self.managed.sync_local().await
+        *self.pulled_at_finalize.lock().unwrap() = Some(self.managed.progress().bytes_pulled);
+        let dirty = self.least_written_first(expand(&h.dirty));
+        self.managed.mark_missing(&dirty).await?;
+        self.managed.mark_dirty(&expand(&h.unpushed))
     }
 
     /// After a restart past finalize: fence again (a repeat), apply the
@@ -393,6 +658,7 @@ impl Leech {
             elapsed_us: 0,
             seed_lost: false,
             epoch,
+            rounds: rec.round,
         });
         self.phase.send_modify(|p| p.finalized = true);
         Ok(())
@@ -428,6 +694,7 @@ impl Leech {
             let mut c = self.control.clone();
             let req = pb::FinalizeRequest {
                 session: rec.session,
+                round: rec.round,
             };
             match tokio::time::timeout(patience, c.finalize(req)).await {
                 Ok(r) => r.map(|r| r.into_inner()),
@@ -461,14 +728,29 @@ impl Leech {
                 (h, true)
             }
         };
+        let t_seed = t.elapsed();
+        // Not stored on its own: until `applied` is, a restarted destination
+        // is still held and finalizes again, and the seed repeats its
+        // answer. One record write (two fsyncs) less in the downtime. A
+        // fenced take-over stores it with the epoch, before the fence.
         rec.handover = Some(h.clone());
-        record::store_async(self.record_path.clone(), rec.clone()).await?;
         let epoch = self.take_over(&mut rec, &h).await?;
-        self.apply(&h).await?;
+        self.mark(&h).await?;
+        let t_apply = t.elapsed();
+        // The new chunk states and the record written aside are synced side
+        // by side (the file system batches the two), then the record is
+        // committed: `applied` is durable only after the states are.
         rec.applied = true;
-        record::store_async(self.record_path.clone(), rec.clone()).await?;
+        let (synced, prepared) = tokio::join!(
+            self.managed.sync_local(),
+            record::prepare_async(self.record_path.clone(), rec.clone())
+        );
+        synced?;
+        prepared?;
+        record::commit_async(self.record_path.clone()).await?;
         self.managed.release().await;
         let elapsed = t.elapsed();
+        debug!(?t_seed, ?t_apply, took = ?elapsed, "migration: finalize steps (seed answered, hand-over applied and synced, recorded and released)");
         self.phase.send_modify(|p| {
             p.finalized = true;
             if lost {
@@ -482,6 +764,7 @@ impl Leech {
             elapsed_us: elapsed.as_micros() as u64,
             seed_lost: lost,
             epoch,
+            rounds: rec.round,
         };
         info!(
             dirty_chunks = o.dirty_chunks,
@@ -509,9 +792,15 @@ impl Leech {
             return Ok(());
         }
         self.phase.send_modify(|p| p.aborted = true);
-        let req = pb::AbortRequest {
-            session: rec.session,
-        };
+        // Nothing pulls or checks any more once abort returns. The rounds
+        // take the record lock: let go of it while they end (a finalize
+        // from now on sees `aborted`).
+        let session = rec.session;
+        drop(rec);
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        let req = pb::AbortRequest { session };
         match tokio::time::timeout(Duration::from_secs(5), self.control.clone().abort(req)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -535,7 +824,16 @@ impl Leech {
         let ph = self.phase.borrow().clone();
         let o = *self.outcome.lock().unwrap();
         let complete = ph.finalized && p.chunks_missing == 0 && p.chunks_in_flight == 0;
+        let (rounds, last_round_chunks, converged) = {
+            let r = self.rounds.lock().unwrap();
+            (r.applied, r.last, r.converged)
+        };
         MigrationStatus {
+            rounds,
+            last_round_chunks,
+            converged,
+            bytes_pulled_at_finalize: *self.pulled_at_finalize.lock().unwrap(),
+            chunks_reused: self.reused.load(Ordering::Relaxed),
             size: self.size(),
             chunk_size: self.chunk,
             chunks_total: p.chunks_total,
@@ -548,6 +846,35 @@ impl Leech {
             epoch: o.and_then(|o| o.epoch),
             error: ph.fatal,
             progress: p,
+        }
+    }
+
+    /// Chunk indices ordered by how many rounds named them, fewest first
+    /// (stable): chunks the source rewrites all the time are pulled last,
+    /// when they are least likely to change again.
+    fn least_written_first(&self, mut chunks: Vec<u64>) -> Vec<u64> {
+        let r = self.rounds.lock().unwrap();
+        chunks.sort_by_key(|&i| r.writes.get(i as usize).copied().unwrap_or(0));
+        chunks
+    }
+
+    /// Waits until the pre-copy converged (see [`Precopy`]), or returns at
+    /// once when it is finalized, aborted or failed. A caller that
+    /// finalizes right after hands over only what was written since the
+    /// last round.
+    pub async fn wait_converged(&self) {
+        let mut ph = self.phase.subscribe();
+        loop {
+            {
+                let p = ph.borrow_and_update();
+                if p.converged || p.finalized || p.aborted || p.fatal.is_some() {
+                    return;
+                }
+            }
+            // The rounds task bumps the phase when it converges.
+            if ph.changed().await.is_err() {
+                return;
+            }
         }
     }
 
@@ -630,6 +957,244 @@ async fn watch_complete(
     );
 }
 
+/// The delta check of an adopted older copy (see `pull.rs`), then the
+/// record says it is done (a resume does not check again).
+async fn run_delta(leech: Weak<Leech>, claims: Vec<crate::managed::Claim>) {
+    let Some(this) = leech.upgrade() else {
+        return;
+    };
+    let session = this.record.lock().await.session;
+    let (managed, client, stop) = (this.managed.clone(), this.seed.client(), this.stop.clone());
+    drop(this);
+    let r = pull::reuse_by_hash(&managed, client, session, claims, &stop).await;
+    let Some(this) = leech.upgrade() else {
+        return;
+    };
+    match r {
+        Ok(o) => {
+            this.reused.fetch_add(o.reused, Ordering::Relaxed);
+            if stop.is_cancelled() {
+                return;
+            }
+            // Durable before the record says so: a resume must not find
+            // chunks recorded Local whose state byte was lost.
+            if let Err(e) = this.managed.sync_local().await {
+                warn!(error = %e, "migration: syncing the cache after the delta check");
+                return;
+            }
+            let mut rec = this.record.lock().await;
+            rec.delta_done = true;
+            if let Err(e) = record::store_async(this.record_path.clone(), rec.clone()).await {
+                warn!(error = %e, "migration: recording the delta check");
+            }
+        }
+        Err(e) => {
+            // Not fatal: what was not checked is pulled whole.
+            warn!(error = %e, "migration: the hash check of the older copy failed; pulling the rest");
+        }
+    }
+}
+
+/// A test hook: `R3MAP_FAILPOINT=NAME:N` makes the process abort at the
+/// point NAME for N (here: right after the seed answered pre-copy round
+/// N, before it is applied), as a crash there would. Used by the tests of
+/// crash-resume; unset, it costs one environment lookup per round.
+fn failpoint(name: &str) -> Option<u64> {
+    let v = std::env::var("R3MAP_FAILPOINT").ok()?;
+    let (n, at) = v.split_once(':')?;
+    (n == name).then(|| at.parse().ok()).flatten()
+}
+
+/// Iterative pre-copy: each time every chunk is here, ask the seed for the
+/// chunks written since the last round and make them Missing again (they
+/// are pulled again, least-written first), until finalize.
+async fn precopy_rounds(leech: Weak<Leech>, managed: Arc<Managed>, stop: CancellationToken) {
+    let mut backoff = RoundBackoff::default();
+    loop {
+        tokio::select! {
+            _ = managed.wait_complete() => {}
+            _ = stop.cancelled() => return,
+        }
+        let Some(this) = leech.upgrade() else {
+            return;
+        };
+        {
+            let p = this.phase.borrow();
+            if p.finalized || p.aborted || p.fatal.is_some() || p.seed_lost {
+                return;
+            }
+        }
+        let pc = this.precopy.clone();
+        let converged = {
+            let mut r = this.rounds.lock().unwrap();
+            let chunk_bytes = this.chunk.max(1);
+            let now = pc.max_rounds == 0
+                || r.unsupported
+                || (r.applied > 0 && r.last.saturating_mul(chunk_bytes) <= pc.converge_bytes)
+                || (r.applied > 1 && r.last >= r.prev)
+                || r.applied >= pc.max_rounds as u64;
+            if now && !r.converged {
+                r.converged = true;
+                info!(
+                    rounds = r.applied,
+                    last_round_chunks = r.last,
+                    "migration: pre-copy converged; finalize hands over what is written from now on"
+                );
+            }
+            r.converged
+        };
+        if converged {
+            this.phase.send_modify(|p| p.converged = true);
+            if pc.max_rounds == 0 || this.rounds.lock().unwrap().unsupported {
+                return;
+            }
+            drop(this);
+            tokio::select! {
+                _ = tokio::time::sleep(pc.settle) => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some(t) = leech.upgrade() else { return };
+            if t.phase.borrow().finalized {
+                return;
+            }
+            drop(t);
+            continue_round(&leech, &mut backoff).await;
+        } else {
+            drop(this);
+            continue_round(&leech, &mut backoff).await;
+        }
+    }
+}
+
+/// Failed rounds in a row: when, and how long to wait before the next.
+struct RoundBackoff {
+    wait: Duration,
+    failing_since: Option<Instant>,
+}
+
+impl Default for RoundBackoff {
+    fn default() -> Self {
+        RoundBackoff {
+            wait: Duration::from_millis(50),
+            failing_since: None,
+        }
+    }
+}
+
+/// Takes and applies one round; on a failed call waits (doubling). A
+/// seed that stays unreachable for the read patience is declared lost,
+/// as a failing read would: once the pull is done, the rounds are what
+/// notices a dead source before finalize.
+async fn continue_round(leech: &Weak<Leech>, b: &mut RoundBackoff) {
+    let Some(this) = leech.upgrade() else {
+        return;
+    };
+    match this.one_round().await {
+        Ok(()) => *b = RoundBackoff::default(),
+        Err(e) => {
+            debug!(error = %e, "migration: pre-copy round failed; trying again");
+            if e.kind() == crate::ErrorKind::Unavailable {
+                let since = *b.failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= this.seed.patience() {
+                    this.seed.declare_lost(&format!(
+                        "pre-copy rounds failing for {:?}: {e}",
+                        since.elapsed()
+                    ));
+                    return;
+                }
+            }
+            let (w, stop) = (b.wait, this.stop.clone());
+            drop(this);
+            tokio::select! {
+                _ = tokio::time::sleep(w) => {}
+                _ = stop.cancelled() => {}
+            }
+            b.wait = (b.wait * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Leech {
+    /// One pre-copy round: ask, mark the chunks Missing (unless finalize
+    /// came first: then its dirty list holds them), make that durable,
+    /// record the round. A crash before the record leaves the round to be
+    /// asked again (the seed repeats its answer) or folded into finalize.
+    async fn one_round(&self) -> Result<()> {
+        let (session, round) = {
+            let rec = self.record.lock().await;
+            if rec.handover.is_some() {
+                return Ok(());
+            }
+            (rec.session, rec.round + 1)
+        };
+        let crash_after = failpoint("leech-crash-after-dirty");
+        let t = Instant::now();
+        let mut c = self.control.clone();
+        let call = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.dirty(pb::DirtyRequest { session, round }),
+        );
+        let reply = tokio::select! {
+            r = call => r,
+            _ = self.stop.cancelled() => return Ok(()),
+        };
+        let reply = match reply {
+            Err(_) => return Err(Error::Unavailable("seed Dirty timed out".into())),
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                warn!("migration: the seed predates pre-copy rounds; finalize hands over every chunk written since the start");
+                self.rounds.lock().unwrap().unsupported = true;
+                return Ok(());
+            }
+            Ok(r) => r.map_err(Error::from)?.into_inner(),
+        };
+        if crash_after == Some(round) {
+            error!(round, "failpoint leech-crash-after-dirty: aborting");
+            std::process::abort();
+        }
+        let count = self.managed.chunk_count();
+        let chunks =
+            chunk_list("dirty", &reply.dirty, reply.dirty_chunks, count).map_err(Error::io)?;
+        let n = chunks.len() as u64;
+        {
+            let rec = self.record.lock().await;
+            if rec.handover.is_some() || rec.round >= round {
+                return Ok(());
+            }
+            let order = self.least_written_first(chunks.clone());
+            // The export is still held (no handover under this lock): no
+            // local write exists that this could drop.
+            self.managed.mark_missing(&order).await?;
+        }
+        {
+            let mut r = self.rounds.lock().unwrap();
+            if r.writes.len() as u64 != count {
+                r.writes = vec![0; count as usize];
+            }
+            for &i in &chunks {
+                let w = &mut r.writes[i as usize];
+                *w = w.saturating_add(1);
+            }
+        }
+        // The Missing marks reach the disk before the record says applied.
+        self.managed.sync_local().await?;
+        {
+            let mut rec = self.record.lock().await;
+            if rec.handover.is_none() && rec.round < round {
+                rec.round = round;
+                record::store_async(self.record_path.clone(), rec.clone()).await?;
+            }
+        }
+        {
+            let mut r = self.rounds.lock().unwrap();
+            r.prev = r.last;
+            r.last = n;
+            r.applied = round;
+        }
+        debug!(round, chunks = n, took = ?t.elapsed(), "migration: pre-copy round applied");
+        Ok(())
+    }
+}
+
 /// The `Leech` control service.
 pub struct LeechService(pub Arc<Leech>);
 
@@ -646,6 +1211,7 @@ impl leech_server::Leech for LeechService {
             seed_lost: o.seed_lost,
             unpushed_chunks: o.unpushed_chunks,
             epoch: o.epoch.unwrap_or(0),
+            rounds: o.rounds,
         }))
     }
 
@@ -666,6 +1232,12 @@ impl leech_server::Leech for LeechService {
             error: s.error.unwrap_or_default(),
             aborted: s.aborted,
             epoch: s.epoch.unwrap_or(0),
+            rounds: s.rounds,
+            last_round_chunks: s.last_round_chunks,
+            converged: s.converged,
+            bytes_pulled: s.progress.bytes_pulled,
+            bytes_pulled_at_finalize: s.bytes_pulled_at_finalize.unwrap_or(0),
+            chunks_reused: s.chunks_reused,
         }))
     }
 

@@ -7,12 +7,13 @@
 
 pub mod cli;
 pub mod leech;
+mod pull;
 pub mod record;
 pub mod seed;
 pub mod source;
 pub mod tracked;
 
-pub use leech::{Leech, MigrationStatus};
+pub use leech::{Leech, MigrationStatus, Precopy};
 pub use record::Handover;
 pub use source::{Source, SourceStatus};
 pub use tracked::{ChunkSet, Tracked};

@@ -61,6 +61,22 @@ pub struct LeechRecord {
     /// Missing, unpushed ones Dirty) and the export released: from then on
     /// local writes exist and the hand-over must not be applied again.
     pub applied: bool,
+    /// The last pre-copy round applied: its dirty chunks were made Missing
+    /// and that made durable. Sent with Finalize, so the seed folds in a
+    /// round answered but not applied (a crash between the two).
+    #[serde(default)]
+    pub round: u64,
+    /// An older copy of the region this destination started from (checked
+    /// by hash, see `Hashes`), as given.
+    #[serde(default)]
+    pub reuse: Option<PathBuf>,
+    /// The older copy became the cache, with a fresh state file (every
+    /// chunk Missing): from here on no chunk of it is trusted unchecked.
+    #[serde(default)]
+    pub adopted: bool,
+    /// The hash check of the older copy ran to its end.
+    #[serde(default)]
+    pub delta_done: bool,
 }
 
 /// True when the cache at `cache` belongs to a migration source that
@@ -87,26 +103,61 @@ pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-/// Writes a record crash-safely (blocking: call off the runtime threads).
-pub fn store<T: Serialize>(path: &Path, rec: &T) -> Result<()> {
+fn tmp_path(path: &Path) -> PathBuf {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    PathBuf::from(tmp)
+}
+
+/// Writes a record crash-safely (blocking: call off the runtime threads).
+pub fn store<T: Serialize>(path: &Path, rec: &T) -> Result<()> {
+    prepare(path, rec)?;
+    commit(path)
+}
+
+/// The first half of [`store`]: the new record, written aside and synced.
+/// Until [`commit`], the old record is the one in force.
+pub fn prepare<T: Serialize>(path: &Path, rec: &T) -> Result<()> {
     let body = serde_json::to_vec_pretty(rec).map_err(|e| Error::io(e.to_string()))?;
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &body)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
+    let mut f = std::fs::File::create(tmp_path(path))?;
+    std::io::Write::write_all(&mut f, &body)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The second half of [`store`]: the prepared record replaces the old one
+/// (rename, then the directory synced).
+pub fn commit(path: &Path) -> Result<()> {
+    std::fs::rename(tmp_path(path), path)?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
     Ok(())
 }
 
+/// [`prepare`] on a blocking thread.
+pub async fn prepare_async<T: Serialize + Send + 'static>(path: PathBuf, rec: T) -> Result<()> {
+    tokio::task::spawn_blocking(move || prepare(&path, &rec))
+        .await
+        .map_err(|e| Error::io(e.to_string()))?
+}
+
+/// [`commit`] on a blocking thread.
+pub async fn commit_async(path: PathBuf) -> Result<()> {
+    tokio::task::spawn_blocking(move || commit(&path))
+        .await
+        .map_err(|e| Error::io(e.to_string()))?
+}
+
 /// [`store`] on a blocking thread.
 pub async fn store_async<T: Serialize + Send + 'static>(path: PathBuf, rec: T) -> Result<()> {
     tokio::task::spawn_blocking(move || store(&path, &rec))
+        .await
+        .map_err(|e| Error::io(e.to_string()))?
+}
+
+/// [`remove`] on a blocking thread.
+pub async fn remove_async(path: PathBuf) -> Result<()> {
+    tokio::task::spawn_blocking(move || remove(&path))
         .await
         .map_err(|e| Error::io(e.to_string()))?
 }
@@ -149,9 +200,18 @@ mod tests {
             }),
             epoch: Some(4),
             applied: true,
+            round: 3,
+            reuse: Some(PathBuf::from("/var/old.cache")),
+            adopted: true,
+            delta_done: false,
         };
         store(&p, &r).unwrap();
         assert_eq!(load::<LeechRecord>(&p).unwrap(), Some(r));
+        // A record written before rounds and delta existed still loads.
+        let old = r#"{"role":"destination","from":"x","session":1,"owner":"o","handover":null,"epoch":null,"applied":false}"#;
+        std::fs::write(&p, old).unwrap();
+        let o = load::<LeechRecord>(&p).unwrap().unwrap();
+        assert_eq!((o.round, o.adopted, o.reuse), (0, false, None));
         std::fs::write(&p, b"{not json").unwrap();
         assert!(
             load::<LeechRecord>(&p).is_err(),

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::{debug, debug_span, info, warn, Instrument};
 
 use super::pb::{self, seed_server};
 use super::record::Handover;
 use super::source::Source;
-use super::tracked::ChunkSet;
+use super::tracked::{ChunkSet, Tracked};
 use crate::backend::{check_range, Backend, Error, Result};
 
 /// Largest piece of data in one `ReadReply`: well under tonic's 4 MiB
@@ -46,6 +46,38 @@ fn status(e: Error) -> Status {
 }
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadReply, Status>> + Send>>;
+type HashStream = Pin<Box<dyn Stream<Item = Result<pb::HashesReply, Status>> + Send>>;
+
+/// Chunks hashed per `HashesReply`.
+const HASH_BATCH: u64 = 64;
+/// The chunk hash of `Hashes`: BLAKE3 (fast, and collision-resistant, so a
+/// chunk is never taken from an old copy by accident or by design).
+pub const HASH_ALGORITHM: &str = "blake3";
+/// Bytes of one chunk hash.
+pub const HASH_LEN: usize = 32;
+
+/// The hash of one chunk's bytes, as `Hashes` sends it.
+pub fn chunk_hash(data: &[u8]) -> [u8; HASH_LEN] {
+    *blake3::hash(data).as_bytes()
+}
+
+/// Hashes of chunks `first..first+n` of `region`, concatenated. Hashing
+/// runs off the runtime threads (about 1 ms per MiB).
+async fn hash_chunks(region: &Arc<Tracked>, first: u64, n: u64) -> Result<Vec<u8>> {
+    let chunk = region.chunk_size();
+    let size = region.size();
+    let mut out = Vec::with_capacity(n as usize * HASH_LEN);
+    for i in first..first + n {
+        let len = (size - i * chunk).min(chunk);
+        let mut buf = vec![0u8; len as usize];
+        region.read_at(i * chunk, &mut buf).await?;
+        let h = tokio::task::spawn_blocking(move || chunk_hash(&buf))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+        out.extend_from_slice(&h);
+    }
+    Ok(out)
+}
 
 #[tonic::async_trait]
 impl seed_server::Seed for SeedService {
@@ -113,12 +145,77 @@ impl seed_server::Seed for SeedService {
         )))
     }
 
+    async fn dirty(
+        &self,
+        req: Request<pb::DirtyRequest>,
+    ) -> Result<Response<pb::DirtyReply>, Status> {
+        let pb::DirtyRequest { session, round } = req.into_inner();
+        let runs = self.source.dirty_round(session, round)?;
+        let (dirty, dirty_chunks) = to_pb(&runs);
+        debug!(round, dirty_chunks, "migration: pre-copy round");
+        Ok(Response::new(pb::DirtyReply {
+            dirty,
+            dirty_chunks,
+            round,
+        }))
+    }
+
+    type HashesStream = HashStream;
+
+    async fn hashes(
+        &self,
+        req: Request<pb::HashesRequest>,
+    ) -> Result<Response<HashStream>, Status> {
+        let pb::HashesRequest {
+            session,
+            first,
+            count,
+        } = req.into_inner();
+        self.source.check_tracking(session)?;
+        let region = self.source.tracked().clone();
+        let chunk = region.chunk_size();
+        let chunks = region.size().div_ceil(chunk);
+        if first.checked_add(count).is_none_or(|e| e > chunks) {
+            return Err(Status::out_of_range(format!(
+                "chunks {first}+{count} are outside the {chunks} chunks of the region"
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let span = debug_span!("seed_hashes", first, count);
+        tokio::spawn(
+            async move {
+                let mut i = first;
+                let end = first + count;
+                while i < end {
+                    let n = (end - i).min(HASH_BATCH);
+                    let item = hash_chunks(&region, i, n)
+                        .await
+                        .map(|hashes| pb::HashesReply {
+                            first: i,
+                            hashes: hashes.into(),
+                            algorithm: HASH_ALGORITHM.into(),
+                        });
+                    let failed = item.is_err();
+                    if tx.send(item.map_err(status)).await.is_err() || failed {
+                        return;
+                    }
+                    i += n;
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn finalize(
         &self,
         req: Request<pb::FinalizeRequest>,
     ) -> Result<Response<pb::FinalizeReply>, Status> {
         let t = Instant::now();
-        let h = self.source.finalize(req.into_inner().session).await?;
+        let req = req.into_inner();
+        let h = self.source.finalize_after(req.session, req.round).await?;
         let reply = finalize_reply(&h);
         info!(
             dirty_chunks = reply.dirty_chunks,
@@ -256,6 +353,28 @@ impl SeedClient {
         }
     }
 
+    /// How long failing reads are retried before the seed is declared lost.
+    pub fn patience(&self) -> Duration {
+        self.patience
+    }
+
+    /// One `Read` call of `length` bytes at `offset` (at most [`MAX_READ`]):
+    /// the stream of its pieces, in order, for a caller that installs them
+    /// as they come (and retries on its own).
+    pub async fn open_read(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<tonic::Streaming<pb::ReadReply>, Status> {
+        if self.is_lost() {
+            return Err(Status::unavailable("migration seed lost"));
+        }
+        let mut c = self.client.clone();
+        Ok(c.read(pb::ReadRequest { offset, length })
+            .await?
+            .into_inner())
+    }
+
     async fn read_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
         let mut c = self.client.clone();
         let mut s = c
@@ -294,7 +413,7 @@ fn lost_error() -> Error {
 /// Errors worth retrying: anything but an answer that will not change
 /// (bad range, auth refused). A connection that broke mid-stream shows up
 /// as Cancelled or Unknown, a dead peer as Unavailable.
-fn transient(s: &Status) -> bool {
+pub(crate) fn transient(s: &Status) -> bool {
     use tonic::Code::*;
     !matches!(
         s.code(),

@@ -24,8 +24,11 @@ use crate::{Error, Result};
 pub struct SourceStatus {
     /// The tracking session (0: not tracking).
     pub session: u64,
-    /// Chunks recorded as written since Track.
+    /// Chunks recorded as written since Track (since the last pre-copy
+    /// round, once rounds started).
     pub dirty_chunks: u64,
+    /// The last pre-copy round answered (0: none).
+    pub round: u64,
     /// Finalized: writes are closed; the destination owns the region.
     pub finalized: bool,
 }
@@ -150,6 +153,7 @@ impl Source {
         SourceStatus {
             session: *self.session.lock().unwrap(),
             dirty_chunks: self.tracked.dirty_count(),
+            round: self.tracked.round(),
             finalized: self.tracked.is_finalized(),
         }
     }
@@ -169,9 +173,36 @@ impl Source {
         Ok(())
     }
 
-    /// Flushes, closes writes, seals a managed mount, persists the answer
-    /// and returns it. Idempotent (across restarts too).
+    /// One pre-copy round (see [`Tracked::take_round`]): the chunks written
+    /// since the previous round, as runs.
+    pub fn dirty_round(&self, session: u64, round: u64) -> Result<Vec<(u64, u64)>> {
+        self.check_session(session)?;
+        Ok(self.tracked.take_round(round)?.ranges())
+    }
+
+    /// Checks that `session` is the one tracking now (0: any), before the
+    /// seed hashes chunks for it.
+    pub fn check_tracking(&self, session: u64) -> Result<()> {
+        if self.tracked.is_finalized() {
+            return Err(Error::FailedPrecondition(
+                "finalized: the region belongs to the destination".into(),
+            ));
+        }
+        self.check_session(session)
+    }
+
+    /// [`Source::finalize_after`] for a destination that applied no
+    /// pre-copy round (or does not say: then, if rounds were taken, every
+    /// chunk is handed over as dirty, which is correct if slow).
     pub async fn finalize(&self, session: u64) -> Result<Handover> {
+        self.finalize_after(session, 0).await
+    }
+
+    /// Flushes, closes writes, seals a managed mount, persists the answer
+    /// and returns it. `round` is the last pre-copy round the destination
+    /// applied: the dirty list holds what was written since (see
+    /// [`Tracked::finalize`]). Idempotent (across restarts too).
+    pub async fn finalize_after(&self, session: u64, round: u64) -> Result<Handover> {
         let mut done = self.handover.lock().await;
         if let Some(h) = &*done {
             if session != 0 && session != h.session {
@@ -183,7 +214,7 @@ impl Source {
             return Ok(h.clone());
         }
         self.check_session(session)?;
-        let set = self.tracked.finalize().await?;
+        let set = self.tracked.finalize(round).await?;
         let unpushed = match &self.managed {
             Some(m) => m.seal().await?,
             None => Vec::new(),

@@ -3,9 +3,14 @@
 //! closed to writes, and its record handed over in one atomic step.
 //!
 //! Atomicity comes from one gate: every mutating call holds the gate shared
-//! for its whole duration (record + write); `track()` and `finalize()` take
-//! it exclusively, so they wait for writes in flight and no write can slip
-//! between "recorded" and "done" on either side of them.
+//! for its whole duration (write, then record); `track()` and `finalize()`
+//! take it exclusively, so they wait for writes in flight and no write can
+//! slip between "done" and "recorded" on either side of them.
+//!
+//! A write is recorded *after* its bytes landed, so a pre-copy round
+//! ([`Tracked::take_round`]) can hand the record over without the gate: a
+//! chunk in a round's answer holds the bytes of every write recorded in it,
+//! and a write still in flight is recorded in the next round.
 
 use std::sync::{Arc, Mutex};
 
@@ -105,7 +110,12 @@ impl ChunkSet {
 #[derive(Debug)]
 struct State {
     tracking: bool,
+    /// Written since the last round (since Track before round 1).
     dirty: ChunkSet,
+    /// The last round answered, and its answer (kept until the next round
+    /// confirms it was applied, or finalize folds it in).
+    round: u64,
+    last: Option<Arc<ChunkSet>>,
     /// Set once by `finalize`: the record handed over, kept so a repeated
     /// finalize returns the same answer.
     finalized: Option<Arc<ChunkSet>>,
@@ -135,6 +145,8 @@ impl Tracked {
             state: Mutex::new(State {
                 tracking: false,
                 dirty: ChunkSet::new(n),
+                round: 0,
+                last: None,
                 finalized: None,
             }),
         }
@@ -173,18 +185,85 @@ impl Tracked {
         self.state.lock().unwrap().dirty.count()
     }
 
+    /// The last pre-copy round answered (0: none).
+    pub fn round(&self) -> u64 {
+        self.state.lock().unwrap().round
+    }
+
+    /// One pre-copy round: returns the chunks written since the previous
+    /// round (since [`Tracked::track`] for round 1) and starts a new record.
+    /// `round` must be the next round (`self.round() + 1`), or the last one
+    /// again (its answer is repeated: the caller may have lost it). Needs
+    /// no gate: writes are recorded after they landed (see the module docs).
+    pub fn take_round(&self, round: u64) -> Result<Arc<ChunkSet>> {
+        let mut st = self.state.lock().unwrap();
+        if st.finalized.is_some() {
+            return Err(Error::FailedPrecondition(
+                "finalized: no more pre-copy rounds".into(),
+            ));
+        }
+        if !st.tracking {
+            return Err(Error::FailedPrecondition("not tracking".into()));
+        }
+        if round == st.round && round > 0 {
+            if let Some(last) = &st.last {
+                return Ok(last.clone());
+            }
+        }
+        if round != st.round + 1 {
+            return Err(Error::InvalidArgument(format!(
+                "pre-copy round {round} asked; the last one answered is {}",
+                st.round
+            )));
+        }
+        let n = st.dirty.capacity();
+        let set = Arc::new(std::mem::replace(&mut st.dirty, ChunkSet::new(n)));
+        st.round = round;
+        st.last = Some(set.clone());
+        Ok(set)
+    }
+
     /// Waits for writes in flight, flushes the backend, closes it to writes
-    /// and returns the chunks written since [`Tracked::track`]. Idempotent:
-    /// later calls return the same set. If the flush fails the region stays
-    /// open and the error is returned, so the caller can retry or abort.
-    pub async fn finalize(&self) -> Result<Arc<ChunkSet>> {
+    /// and returns the chunks written since the destination's last applied
+    /// round `applied` (0: since [`Tracked::track`]). If the destination is
+    /// one round behind (it never applied the last answer), that answer is
+    /// folded in; further behind cannot happen with one destination, and
+    /// then every chunk is returned (correct, if slow). Idempotent: later
+    /// calls return the same set. If the flush fails the region stays open
+    /// and the error is returned, so the caller can retry or abort.
+    pub async fn finalize(&self, applied: u64) -> Result<Arc<ChunkSet>> {
         let _x = self.gate.write().await;
         if let Some(f) = &self.state.lock().unwrap().finalized {
             return Ok(f.clone());
         }
+        {
+            let st = self.state.lock().unwrap();
+            if applied > st.round {
+                return Err(Error::InvalidArgument(format!(
+                    "the destination applied round {applied}; the last one answered is {}",
+                    st.round
+                )));
+            }
+        }
         self.inner.flush().await?;
         let mut st = self.state.lock().unwrap();
-        let set = Arc::new(std::mem::replace(&mut st.dirty, ChunkSet::new(0)));
+        let mut set = std::mem::replace(&mut st.dirty, ChunkSet::new(0));
+        if applied + 1 == st.round {
+            if let Some(last) = &st.last {
+                for i in last.iter() {
+                    set.insert(i);
+                }
+            }
+        } else if applied + 1 < st.round {
+            tracing::warn!(
+                applied,
+                round = st.round,
+                "migration: the destination is rounds behind; handing over every chunk as dirty"
+            );
+            set.insert_range(0, set.capacity());
+        }
+        let set = Arc::new(set);
+        st.last = None;
         st.finalized = Some(set.clone());
         Ok(set)
     }
@@ -202,6 +281,8 @@ impl Tracked {
         }
         st.tracking = false;
         st.dirty = ChunkSet::new(st.dirty.capacity());
+        st.round = 0;
+        st.last = None;
         Ok(())
     }
 
@@ -214,22 +295,27 @@ impl Tracked {
         st.finalized = Some(Arc::new(set));
     }
 
-    /// Records `offset..offset+len` if tracking; refuses once finalized.
-    /// Called with the gate held shared.
-    fn record(&self, offset: u64, len: u64) -> Result<()> {
+    /// Refuses a mutation once finalized. Called with the gate held shared.
+    fn check_open(&self, offset: u64, len: u64) -> Result<()> {
         check_range(offset, len, self.inner.size())?;
-        let mut st = self.state.lock().unwrap();
-        if st.finalized.is_some() {
+        if self.state.lock().unwrap().finalized.is_some() {
             return Err(Error::Io(std::io::Error::other(
                 "region finalized for migration: writes are closed",
             )));
         }
+        Ok(())
+    }
+
+    /// Records `offset..offset+len` if tracking, after the mutation ran
+    /// (whether or not it succeeded: a failed write may have changed some
+    /// bytes). Called with the gate still held shared.
+    fn record(&self, offset: u64, len: u64) {
+        let mut st = self.state.lock().unwrap();
         if st.tracking && len > 0 {
             let first = offset / self.chunk;
             let last = (offset + len - 1) / self.chunk;
             st.dirty.insert_range(first, last - first + 1);
         }
-        Ok(())
     }
 }
 
@@ -245,8 +331,10 @@ impl Backend for Tracked {
 
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         let _g = self.gate.read().await;
-        self.record(offset, data.len() as u64)?;
-        self.inner.write_at(offset, data).await
+        self.check_open(offset, data.len() as u64)?;
+        let r = self.inner.write_at(offset, data).await;
+        self.record(offset, data.len() as u64);
+        r
     }
 
     async fn flush(&self) -> Result<()> {
@@ -255,14 +343,18 @@ impl Backend for Tracked {
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
         let _g = self.gate.read().await;
-        self.record(offset, len)?;
-        self.inner.trim(offset, len).await
+        self.check_open(offset, len)?;
+        let r = self.inner.trim(offset, len).await;
+        self.record(offset, len);
+        r
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let _g = self.gate.read().await;
-        self.record(offset, len)?;
-        self.inner.write_zeroes(offset, len).await
+        self.check_open(offset, len)?;
+        let r = self.inner.write_zeroes(offset, len).await;
+        self.record(offset, len);
+        r
     }
 
     async fn cache(&self, offset: u64, len: u64) -> Result<()> {
@@ -310,7 +402,7 @@ mod tests {
         t.trim(4096 * 7, 4096).await.unwrap();
         t.write_zeroes(4096 * 9, 1).await.unwrap();
         t.track().await; // idempotent: keeps the record
-        let set = t.finalize().await.unwrap();
+        let set = t.finalize(0).await.unwrap();
         assert_eq!(set.iter().collect::<Vec<_>>(), vec![2, 3, 7, 9]);
         assert!(t.abort().await.is_err(), "no abort after finalize");
         let err = t.write_at(0, &[3; 4]).await.unwrap_err();
@@ -323,7 +415,7 @@ mod tests {
         let mut b = [0u8; 4];
         t.read_at(0, &mut b).await.unwrap();
         assert_eq!(b, [1; 4]);
-        assert_eq!(*t.finalize().await.unwrap(), *set);
+        assert_eq!(*t.finalize(0).await.unwrap(), *set);
     }
 
     #[tokio::test]
@@ -339,7 +431,7 @@ mod tests {
         assert_eq!(t.dirty_count(), 0, "not tracking after abort");
         t.track().await;
         t.write_at(8192, &[3; 1]).await.unwrap();
-        let set = t.finalize().await.unwrap();
+        let set = t.finalize(0).await.unwrap();
         assert_eq!(set.iter().collect::<Vec<_>>(), vec![2]);
     }
 
@@ -374,11 +466,81 @@ mod tests {
             tokio::spawn(async move { t.write_at(512 * 5, &[9; 512]).await })
         };
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let set = t.finalize().await.unwrap();
+        let set = t.finalize(0).await.unwrap();
         assert!(w.await.unwrap().is_ok(), "the write in flight completes");
         assert_eq!(set.iter().collect::<Vec<_>>(), vec![5]);
         let mut b = [0u8; 512];
         t.read_at(512 * 5, &mut b).await.unwrap();
         assert_eq!(b, [9; 512]);
+    }
+
+    #[tokio::test]
+    async fn rounds_hand_over_and_finalize_folds_an_unapplied_round() {
+        let t = Tracked::new(Arc::new(Memory::new(10 * 4096, 4096)), 4096);
+        assert!(t.take_round(1).is_err(), "no rounds before track");
+        t.track().await;
+        t.write_at(0, &[1; 1]).await.unwrap();
+        t.write_at(4096 * 3, &[1; 1]).await.unwrap();
+        let ids = |s: Arc<ChunkSet>| s.iter().collect::<Vec<_>>();
+        assert_eq!(ids(t.take_round(1).unwrap()), vec![0, 3]);
+        t.write_at(4096 * 5, &[1; 1]).await.unwrap();
+        assert_eq!(ids(t.take_round(1).unwrap()), vec![0, 3], "a repeat");
+        assert!(t.take_round(3).is_err(), "rounds go one at a time");
+        assert_eq!(ids(t.take_round(2).unwrap()), vec![5]);
+        // Chunk 0 written again after its round: it must be handed over.
+        t.write_at(0, &[2; 1]).await.unwrap();
+        t.write_at(4096 * 7, &[2; 1]).await.unwrap();
+        assert!(t.finalize(3).await.is_err(), "a round never answered");
+        // The destination applied round 1 only: round 2 is folded in.
+        assert_eq!(ids(t.finalize(1).await.unwrap()), vec![0, 5, 7]);
+        assert!(t.take_round(3).is_err(), "no rounds after finalize");
+        assert_eq!(ids(t.finalize(2).await.unwrap()), vec![0, 5, 7], "repeat");
+    }
+
+    #[tokio::test]
+    async fn a_round_names_only_writes_that_landed() {
+        // A write in flight while a round is taken: if the round named its
+        // chunk before the bytes landed, the destination would pull the old
+        // bytes and never hear of the chunk again.
+        struct Slow(Memory);
+        #[async_trait]
+        impl Backend for Slow {
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            async fn read_at(&self, o: u64, b: &mut [u8]) -> Result<()> {
+                self.0.read_at(o, b).await
+            }
+            async fn write_at(&self, o: u64, d: &[u8]) -> Result<()> {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                self.0.write_at(o, d).await
+            }
+            async fn flush(&self) -> Result<()> {
+                Ok(())
+            }
+            async fn trim(&self, o: u64, l: u64) -> Result<()> {
+                self.0.trim(o, l).await
+            }
+        }
+        let t = Arc::new(Tracked::new(Arc::new(Slow(Memory::new(8 * 512, 512))), 512));
+        t.track().await;
+        let w = {
+            let t = t.clone();
+            tokio::spawn(async move { t.write_at(512 * 5, &[9; 512]).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let r1 = t.take_round(1).unwrap();
+        let mut b = [0u8; 512];
+        t.read_at(512 * 5, &mut b).await.unwrap();
+        assert!(
+            !r1.contains(5) || b == [9; 512],
+            "round 1 names chunk 5 while it still holds the old bytes"
+        );
+        w.await.unwrap().unwrap();
+        let r2 = t.take_round(2).unwrap();
+        assert!(
+            r1.contains(5) || r2.contains(5),
+            "the write was never named"
+        );
     }
 }

@@ -89,15 +89,17 @@ impl NodeService {
             )));
         }
         let l = Leech::start(leech::Config {
-            from: Endpoint::Tcp(peer.endpoint.clone()),
             token,
             tls,
-            cache: rec.cache_path.clone(),
             fallback: Some(fallback),
             owner: Some(self.cfg.node_id.clone()),
             patience: m.patience,
             pull_workers: params.pull_workers.max(1),
             volume: Some(rec.volume_id.clone()),
+            ..leech::Config::new(
+                Endpoint::Tcp(peer.endpoint.clone()),
+                rec.cache_path.clone(),
+            )
         })
         .await
         .map_err(|e| {
