@@ -134,6 +134,7 @@ impl SeedRouter {
 }
 
 type SeedReadStream = <SeedService as Seed>::ReadStream;
+type SeedHashesStream = <SeedService as Seed>::HashesStream;
 
 #[tonic::async_trait]
 impl Seed for SeedRouter {
@@ -175,6 +176,22 @@ impl Seed for SeedRouter {
         req: Request<seedpb::FinalizeRequest>,
     ) -> Result<Response<seedpb::FinalizeReply>, Status> {
         self.route(&req)?.finalize(req).await
+    }
+
+    async fn dirty(
+        &self,
+        req: Request<seedpb::DirtyRequest>,
+    ) -> Result<Response<seedpb::DirtyReply>, Status> {
+        self.route(&req)?.dirty(req).await
+    }
+
+    type HashesStream = SeedHashesStream;
+
+    async fn hashes(
+        &self,
+        req: Request<seedpb::HashesRequest>,
+    ) -> Result<Response<SeedHashesStream>, Status> {
+        self.route(&req)?.hashes(req).await
     }
 }
 

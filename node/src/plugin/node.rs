@@ -1201,7 +1201,11 @@ impl NodeService {
                     m.migration_chunks_total = Some(st.chunks_total);
                 } else if s.rec.retained_until.is_some() {
                     m.migration_phase = Some("retained".into());
-                } else if s.vol.as_ref().is_some_and(|v| v.source().status().session != 0) {
+                } else if s
+                    .vol
+                    .as_ref()
+                    .is_some_and(|v| v.source().status().session != 0)
+                {
                     m.migration_phase = Some("source".into());
                 }
                 m

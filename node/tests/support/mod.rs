@@ -1,3 +1,6 @@
+// Each guest test uses a part of the harness.
+#![allow(dead_code)]
+
 //! The guest harness both guest tests share: the repository root, the
 //! tool check, booting e2e/guest/run.sh with a scenario and collecting its
 //! console under a deadline, and reading the FINDING markers.

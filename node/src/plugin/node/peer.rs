@@ -96,10 +96,7 @@ impl NodeService {
             patience: m.patience,
             pull_workers: params.pull_workers.max(1),
             volume: Some(rec.volume_id.clone()),
-            ..leech::Config::new(
-                Endpoint::Tcp(peer.endpoint.clone()),
-                rec.cache_path.clone(),
-            )
+            ..leech::Config::new(Endpoint::Tcp(peer.endpoint.clone()), rec.cache_path.clone())
         })
         .await
         .map_err(|e| {
