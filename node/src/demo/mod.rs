@@ -235,7 +235,7 @@ impl Cluster {
 }
 
 fn draw(label: &str, present: u64, total: u64, tty: bool, last: &mut u64) {
-    let pct = if total == 0 { 0 } else { present * 100 / total };
+    let pct = (present * 100).checked_div(total).unwrap_or(0);
     if tty {
         let n = (pct / 4) as usize;
         print!(

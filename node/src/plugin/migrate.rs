@@ -117,6 +117,8 @@ pub struct SeedRouter {
 }
 
 impl SeedRouter {
+    // The Status goes straight back to tonic, which wants it unboxed.
+    #[allow(clippy::result_large_err)]
     fn route<T>(&self, req: &Request<T>) -> Result<SeedService, Status> {
         let id = req
             .metadata()
