@@ -35,8 +35,8 @@ pub enum ClientError {
     Connect {
         /// The address dialled.
         to: String,
-        /// What tonic reported.
-        source: tonic::transport::Error,
+        /// Why: the socket, TLS or HTTP/2 error.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Boxed: a Status is large, and this error is returned often.
     #[error("{}: {}", .0.code(), .0.message())]
