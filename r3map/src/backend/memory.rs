@@ -1,9 +1,15 @@
 //! `memory:` — a sparse region in RAM, one lock per chunk so concurrent
 //! requests on different chunks never contend.
+//!
+//! Chunks are immutable-when-shared buffers ([`Bytes`]): a streamed read
+//! ([`Backend::read_pieces`], what the region server sends) hands out
+//! slices of them without copying, and a write changes a chunk in place
+//! unless such a slice is still out, in which case it writes a copy.
 
 use std::sync::RwLock;
 
 use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
 
 use super::{check_range, chunk_spans, Backend, Result};
 
@@ -13,7 +19,7 @@ use super::{check_range, chunk_spans, Backend, Result};
 pub struct Memory {
     size: u64,
     chunk: u64,
-    chunks: Vec<RwLock<Option<Box<[u8]>>>>,
+    chunks: Vec<RwLock<Option<Bytes>>>,
 }
 
 impl Memory {
@@ -62,14 +68,30 @@ impl Backend for Memory {
         Ok(())
     }
 
+    async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<Bytes>> {
+        check_range(offset, len, self.size)?;
+        let mut pieces = Vec::new();
+        for (idx, within, _, n) in chunk_spans(offset, len, self.chunk) {
+            match &*self.chunks[idx as usize].read().unwrap() {
+                Some(data) => pieces.push(data.slice(within as usize..(within + n) as usize)),
+                None => zeros(n as usize, &mut pieces),
+            }
+        }
+        Ok(pieces)
+    }
+
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         check_range(offset, data.len() as u64, self.size)?;
         for (idx, within, pos, n) in chunk_spans(offset, data.len() as u64, self.chunk) {
             let mut slot = self.chunks[idx as usize].write().unwrap();
-            let chunk =
-                slot.get_or_insert_with(|| vec![0u8; self.chunk_len(idx)].into_boxed_slice());
+            let mut chunk = match slot.take() {
+                // In place, unless a read still holds a slice of it.
+                Some(b) => b.try_into_mut().unwrap_or_else(|b| BytesMut::from(&b[..])),
+                None => BytesMut::zeroed(self.chunk_len(idx)),
+            };
             chunk[within as usize..(within + n) as usize]
                 .copy_from_slice(&data[pos as usize..(pos + n) as usize]);
+            *slot = Some(chunk.freeze());
         }
         Ok(())
     }
@@ -84,10 +106,24 @@ impl Backend for Memory {
             let mut slot = self.chunks[idx as usize].write().unwrap();
             if n as usize == self.chunk_len(idx) {
                 *slot = None; // whole chunk: give the memory back
-            } else if let Some(chunk) = slot.as_mut() {
+            } else if let Some(b) = slot.take() {
+                let mut chunk = b.try_into_mut().unwrap_or_else(|b| BytesMut::from(&b[..]));
                 chunk[within as usize..(within + n) as usize].fill(0);
+                *slot = Some(chunk.freeze());
             }
         }
         Ok(())
+    }
+}
+
+/// Zeros for never-written chunks, shared by every read of one.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Appends `n` zero bytes as slices of [`ZEROS`].
+fn zeros(mut n: usize, out: &mut Vec<Bytes>) {
+    while n > 0 {
+        let k = n.min(ZEROS.len());
+        out.push(Bytes::from_static(&ZEROS[..k]));
+        n -= k;
     }
 }

@@ -2,7 +2,8 @@
 //! on-demand fetches shared by every reader waiting on them, installation
 //! that a write or [`Managed::mark_missing`] can make stale.
 
-use std::os::unix::fs::FileExt;
+use std::fs::File;
+use std::io::IoSlice;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,9 +92,10 @@ impl Inner {
     ) -> std::result::Result<(), String> {
         let src = self.source.read().unwrap().clone();
         let len = self.chunk_len(i);
-        let mut buf = vec![0u8; len as usize];
-        let res = match src.read_at(i * self.chunk, &mut buf).await {
-            Ok(()) => self.install(i, id, epoch, &buf).await,
+        // The pieces as received go into the cache: no chunk-sized buffer
+        // to zero, fill and copy out of again.
+        let res = match src.read_pieces(i * self.chunk, len).await {
+            Ok(pieces) => self.install(i, id, epoch, &pieces).await,
             Err(e) => Err(e.to_string()),
         };
         if res.is_err() {
@@ -127,8 +129,15 @@ impl Inner {
         i: u64,
         id: u64,
         epoch: u64,
-        buf: &[u8],
+        pieces: &[bytes::Bytes],
     ) -> std::result::Result<(), String> {
+        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        if len != self.chunk_len(i) {
+            return Err(format!(
+                "the source returned {len} bytes for chunk {i} of {}",
+                self.chunk_len(i)
+            ));
+        }
         let current = |sh: &Shared| {
             let m = &sh.chunks[i as usize];
             m.epoch == epoch
@@ -143,15 +152,14 @@ impl Inner {
         {
             let _w = self.install_lock.lock().await;
             let off = i * self.chunk;
-            if buf.iter().all(|&b| b == 0) {
+            if pieces.iter().all(|p| p.iter().all(|&b| b == 0)) {
                 // Never-written chunks arrive as zeros: a hole keeps the
                 // cache sparse (a fresh 1 GiB volume would otherwise fill
                 // 1 GiB of the node's disk) and reads back as zeros.
-                crate::backend::file::punch_hole(&self.cache, off, buf.len() as u64)
+                crate::backend::file::punch_hole(&self.cache, off, len)
                     .map_err(|e| format!("punching chunk {i} in the cache: {e}"))?;
             } else {
-                self.cache
-                    .write_all_at(buf, off)
+                write_pieces_at(&self.cache, pieces, off)
                     .map_err(|e| format!("writing chunk {i} to the cache: {e}"))?;
             }
         }
@@ -167,9 +175,7 @@ impl Inner {
         };
         self.transition(&mut sh, i, to).map_err(|e| e.to_string())?;
         drop(sh);
-        self.counters
-            .bytes_pulled
-            .fetch_add(buf.len() as u64, Relaxed);
+        self.counters.bytes_pulled.fetch_add(len, Relaxed);
         self.present_notify.notify_waiters();
         Ok(())
     }
@@ -244,4 +250,23 @@ impl Inner {
         self.prioritize(chunks);
         Ok(())
     }
+}
+
+/// Writes `pieces` back to back at `off`: one `pwritev` for a whole chunk
+/// (looping only if the kernel takes less).
+fn write_pieces_at(f: &File, pieces: &[bytes::Bytes], off: u64) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    let mut at = off;
+    while !rest.is_empty() {
+        let n = match nix::sys::uio::pwritev(f, rest, at as i64) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        at += n as u64;
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }
