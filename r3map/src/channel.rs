@@ -215,12 +215,7 @@ impl Inner {
         b.timer(TokioTimer::new())
             .initial_stream_window_size(d.stream_window)
             .initial_connection_window_size(d.connection_window)
-            .max_frame_size(
-                std::env::var("R3MAP_MAX_FRAME")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(MAX_FRAME),
-            )
+            .max_frame_size(MAX_FRAME)
             .keep_alive_interval(d.keepalive.interval)
             .keep_alive_timeout(d.keepalive.timeout)
             .keep_alive_while_idle(d.keepalive.while_idle);
