@@ -14,7 +14,7 @@ use tracing::warn;
 use super::*;
 
 /// Queue keys at or above this are retries, taken after every other chunk.
-const RETRY_BASE: i64 = i64::MAX / 2;
+pub(super) const RETRY_BASE: i64 = i64::MAX / 2;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -24,7 +24,7 @@ impl Inner {
         let todo: Vec<u64> = chunks
             .iter()
             .copied()
-            .filter(|&i| i < self.count && sh.chunks[i as usize].state == ChunkState::Missing)
+            .filter(|&i| i < self.count && sh.state(i) == ChunkState::Missing)
             .collect();
         if todo.is_empty() {
             return;
@@ -42,11 +42,10 @@ impl Inner {
     /// the receiver of the fetch's result (new or already in flight).
     pub(super) fn start_fetch(self: &Arc<Self>, i: u64) -> Option<watch::Receiver<FetchResult>> {
         let mut sh = self.shared.lock().unwrap();
-        let m = &sh.chunks[i as usize];
-        if m.state != ChunkState::Missing {
+        if sh.state(i) != ChunkState::Missing {
             return None;
         }
-        if let Some(f) = &m.fetch {
+        if let Some(f) = sh.fetches.get(&i) {
             return Some(f.tx.subscribe());
         }
         let (id, epoch, rx) = sh.claim(i);
@@ -102,14 +101,11 @@ impl Inner {
             self.counters.fetch_errors.fetch_add(1, Relaxed);
         }
         let mut sh = self.shared.lock().unwrap();
-        let mine = sh.chunks[i as usize].fetch.as_ref().map(|f| f.id) == Some(id);
+        let mine = sh.fetch_id(i) == Some(id);
         if mine {
-            let f = sh.chunks[i as usize].fetch.take().unwrap();
+            let f = sh.fetches.remove(&i).expect("checked above");
             sh.in_flight -= 1;
-            if res.is_err()
-                && sh.chunks[i as usize].state == ChunkState::Missing
-                && self.opts.pull_workers > 0
-            {
+            if res.is_err() && sh.state(i) == ChunkState::Missing && self.opts.pull_workers > 0 {
                 // Retried by the background pull, after everything else.
                 let key = RETRY_BASE + sh.retry_seq;
                 sh.retry_seq += 1;
@@ -139,10 +135,9 @@ impl Inner {
             ));
         }
         let current = |sh: &Shared| {
-            let m = &sh.chunks[i as usize];
-            m.epoch == epoch
-                && m.state == ChunkState::Missing
-                && m.fetch.as_ref().map(|f| f.id) == Some(id)
+            sh.epochs[i as usize] == epoch
+                && sh.state(i) == ChunkState::Missing
+                && sh.fetch_id(i) == Some(id)
         };
         // Exclusive: no write to this chunk runs while its old bytes land.
         let _x = self.stripe(i).write().await;
@@ -168,7 +163,7 @@ impl Inner {
             return Ok(());
         }
         // A chunk handed over unpushed goes out with the next push.
-        let to = if std::mem::take(&mut sh.chunks[i as usize].push_on_install) {
+        let to = if sh.push_on_install.remove(&i) {
             ChunkState::Dirty
         } else {
             ChunkState::Local
@@ -186,20 +181,7 @@ impl Inner {
             let n = self.queue_notify.notified();
             tokio::pin!(n);
             n.as_mut().enable();
-            let job = {
-                let mut sh = self.shared.lock().unwrap();
-                let mut job = None;
-                while let Some((_, i)) = sh.queue.pop_first() {
-                    let m = &mut sh.chunks[i as usize];
-                    m.qkey = None;
-                    if m.state == ChunkState::Missing && m.fetch.is_none() {
-                        let (id, epoch, _) = sh.claim(i);
-                        job = Some((i, id, epoch));
-                        break;
-                    }
-                }
-                job
-            };
+            let job = self.shared.lock().unwrap().next_pull();
             match job {
                 Some((i, id, epoch)) => match self.run_fetch(i, id, epoch).await {
                     Ok(()) => backoff = BACKOFF_MIN,
@@ -237,11 +219,10 @@ impl Inner {
                         size: self.size,
                     });
                 }
-                let m = &mut sh.chunks[i as usize];
-                m.epoch += 1;
-                m.gen += 1;
+                sh.epochs[i as usize] += 1;
+                sh.gens[i as usize] += 1;
                 // Its waiters see the channel close and fetch again.
-                if m.fetch.take().is_some() {
+                if sh.fetches.remove(&i).is_some() {
                     sh.in_flight -= 1;
                 }
                 self.transition(&mut sh, i, ChunkState::Missing)?;
