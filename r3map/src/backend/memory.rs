@@ -118,6 +118,10 @@ impl Backend for Memory {
         Ok(pieces)
     }
 
+    fn lends_pieces(&self) -> bool {
+        true
+    }
+
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         check_range(offset, data.len() as u64, self.size)?;
         for (idx, within, pos, n) in chunk_spans(offset, data.len() as u64, self.chunk) {

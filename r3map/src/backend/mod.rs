@@ -37,6 +37,15 @@ pub trait Backend: Send + Sync + 'static {
         Ok(vec![buf.into()])
     }
 
+    /// True when [`Backend::read_pieces`] lends bytes the backend holds
+    /// anyway (RAM) rather than reading into a new buffer: then a server
+    /// sends them as they are (the NBD server's READ replies do) instead of
+    /// copying them into a buffer of its own. A wrapper forwards it along
+    /// with `read_pieces`.
+    fn lends_pieces(&self) -> bool {
+        false
+    }
+
     /// Writes `data` at `offset`. Durable only after [`Backend::flush`].
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
 
@@ -122,6 +131,9 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<bytes::Bytes>> {
         (**self).read_pieces(offset, len).await
+    }
+    fn lends_pieces(&self) -> bool {
+        (**self).lends_pieces()
     }
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         (**self).write_at(offset, data).await
