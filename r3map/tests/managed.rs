@@ -898,3 +898,21 @@ async fn a_one_tib_mount_opens_without_per_chunk_bookkeeping() {
     assert_eq!(tail, [9u8; 10], "the write reached the sink");
     m.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pull_window_grows_to_cover_a_long_round_trip() {
+    // 50 ms per fetch: 16 fetches at a time (the starting window) move
+    // 16 chunks per 50 ms, a bandwidth-delay product the window must
+    // outgrow until it reaches its bound.
+    let d = tmp();
+    let chunk = 64 * KIB;
+    let p = Probe::with(&random_bytes(21, 512 * chunk), chunk).await;
+    p.read_delay_ms.store(50, SeqCst);
+    let m = plain(&d.path().join("c"), &p, opts(chunk, 64));
+    m.wait_complete().await;
+    let pr = m.progress();
+    assert_eq!(pr.pull_window, 64, "{pr:?}");
+    assert!(pr.pull_rtt_us >= 50_000, "{pr:?}");
+    assert!(read(&m, 0, 512 * chunk).await.unwrap() == random_bytes(21, 512 * chunk));
+    m.close().await;
+}

@@ -91,10 +91,16 @@ impl Inner {
     ) -> std::result::Result<(), String> {
         let src = self.source.read().unwrap().clone();
         let len = self.chunk_len(i);
+        let t0 = std::time::Instant::now();
         // The pieces as received go into the cache: no chunk-sized buffer
         // to zero, fill and copy out of again.
         let res = match src.read_pieces(i * self.chunk, len).await {
-            Ok(pieces) => self.install(i, id, epoch, &pieces).await,
+            Ok(pieces) => {
+                // Every fetch counts toward the pull rate, on-demand ones
+                // too: they move the same link.
+                self.window.record(len, t0.elapsed());
+                self.install(i, id, epoch, &pieces).await
+            }
             Err(e) => Err(e.to_string()),
         };
         if res.is_err() {
@@ -175,9 +181,22 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) async fn pull_worker(self: Arc<Self>) {
+    /// Background worker `idx`: pulls while `idx` is inside the window.
+    pub(super) async fn pull_worker(self: Arc<Self>, idx: usize) {
         let mut backoff = BACKOFF_MIN;
         loop {
+            if idx >= self.window.size() {
+                let g = self.window.grown.notified();
+                tokio::pin!(g);
+                g.as_mut().enable();
+                if idx >= self.window.size() {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = g => {}
+                    }
+                }
+                continue;
+            }
             let n = self.queue_notify.notified();
             tokio::pin!(n);
             n.as_mut().enable();

@@ -33,6 +33,7 @@ pub mod lock;
 mod progress;
 mod push;
 pub mod state;
+mod window;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
@@ -57,9 +58,11 @@ pub use state::{state_path, ChunkState};
 /// over a high-RTT link, small enough that a first access costs ~1 MiB of
 /// transfer and the state file stays at 1 byte per MiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
-/// Default background pull workers: 32 chunks of 1 MiB in flight hide
-/// ~30 ms of RTT at 1 GB/s while bounding buffers to 32 MiB.
-pub const DEFAULT_PULL_WORKERS: usize = 32;
+/// Default bound of the background pull's window (the fetches in flight
+/// at once, sized from the measured bandwidth-delay product: see
+/// `window.rs`): 64 chunks of 1 MiB cover ~30 ms of RTT at 1 GB/s with
+/// the window's twofold headroom, and bound buffers to 64 MiB.
+pub const DEFAULT_PULL_WORKERS: usize = 64;
 /// Default push workers.
 pub const DEFAULT_PUSH_WORKERS: usize = 16;
 /// Default interval between background pushes (r3map's).
@@ -86,7 +89,8 @@ pub enum Durability {
 pub struct Options {
     /// Unit of pulling, pushing and state tracking.
     pub chunk_size: u64,
-    /// Background pull workers; 0 pulls only on demand.
+    /// Most background fetches at once (the pull's window adapts below
+    /// it to the link); 0 pulls only on demand.
     pub pull_workers: usize,
     /// Chunks pushed concurrently.
     pub push_workers: usize,
@@ -258,6 +262,8 @@ struct Inner {
     /// that the network side needs (measured: ~13 % of a 2-CPU machine).
     install_lock: tokio::sync::Mutex<()>,
     queue_notify: Notify,
+    /// How many background fetches run at once ([`window`]).
+    window: window::Window,
     present_notify: Notify,
     counters: Counters,
     /// Set when the sink refused a push because another writer took the
@@ -388,6 +394,7 @@ impl Managed {
             push_lock: tokio::sync::Mutex::new(()),
             install_lock: tokio::sync::Mutex::new(()),
             queue_notify: Notify::new(),
+            window: window::Window::new(opts.pull_workers, chunk),
             present_notify: Notify::new(),
             counters: Counters::default(),
             fenced: Mutex::new(None),
@@ -397,8 +404,8 @@ impl Managed {
             _lock: lock,
             opts,
         });
-        for _ in 0..inner.opts.pull_workers {
-            inner.tasks.spawn(inner.clone().pull_worker());
+        for idx in 0..inner.opts.pull_workers {
+            inner.tasks.spawn(inner.clone().pull_worker(idx));
         }
         if inner.sink.is_some() {
             let leftover = inner.shared.lock().unwrap().dirty > 0;
