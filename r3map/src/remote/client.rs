@@ -400,11 +400,9 @@ impl RemoteBackend {
             offset,
             length: len,
         };
-        let mut stream = ReadStream::start(&self.chan, req, MAX_MESSAGE)
-            .await
-            .map_err(status_error)?;
+        let mut stream = ReadStream::start(&self.chan, req, MAX_MESSAGE).await?;
         let mut pos = 0u64;
-        while let Some(piece) = stream.next().await.map_err(status_error)? {
+        while let Some(piece) = stream.next().await? {
             // Pieces come in order and tile the range exactly; anything
             // else is a broken server, not data to trust.
             let n = piece.data.len() as u64;

@@ -23,6 +23,8 @@ use http_body::Body;
 use prost::Message;
 use tonic::codegen::http;
 use tonic::{Code, Status};
+
+use crate::{Error, Result};
 use tower::Service;
 
 use super::pb::{ReadChunk, ReadRequest};
@@ -66,7 +68,7 @@ impl ReadStream {
         ch: &AuthedChannel,
         req: ReadRequest,
         max_message: usize,
-    ) -> Result<ReadStream, Status> {
+    ) -> Result<ReadStream> {
         let msg = req.encode_to_vec();
         let mut framed = BytesMut::with_capacity(PREFIX + msg.len());
         framed.put_u8(0);
@@ -79,22 +81,25 @@ impl ReadStream {
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
             .body(body)
-            .map_err(|e| Status::internal(format!("building the read request: {e}")))?;
+            .map_err(|e| invalid(format!("building the read request: {e}")))?;
         let mut ch = ch.clone();
         poll_fn(|cx| ch.poll_ready(cx))
             .await
-            .map_err(Status::from_error)?;
-        let resp = ch.call(req).await.map_err(Status::from_error)?;
+            .map_err(|e| Error::from(Status::from_error(e)))?;
+        let resp = ch
+            .call(req)
+            .await
+            .map_err(|e| Error::from(Status::from_error(e)))?;
         if resp.status() != http::StatusCode::OK {
-            return Err(Status::new(
+            return Err(Error::from(Status::new(
                 http_code(resp.status()),
                 format!("HTTP status {} from the region server", resp.status()),
-            ));
+            )));
         }
         // A refusal comes as headers only ("trailers-only").
         if let Some(s) = Status::from_header_map(resp.headers()) {
             if s.code() != Code::Ok {
-                return Err(s);
+                return Err(s.into());
             }
         }
         Ok(ReadStream {
@@ -105,34 +110,36 @@ impl ReadStream {
     }
 
     /// The next piece, `None` once the server ended the call successfully.
-    pub async fn next(&mut self) -> Result<Option<ReadChunk>, Status> {
+    pub async fn next(&mut self) -> Result<Option<ReadChunk>> {
         loop {
             if let Some(m) = self.dec.decode()? {
                 return Ok(Some(m));
             }
             if self.done {
                 if !self.dec.between_messages() {
-                    return Err(Status::internal("read stream ended inside a message"));
+                    return Err(Error::Unavailable(
+                        "read stream ended inside a message".into(),
+                    ));
                 }
                 return Ok(None);
             }
             let frame = poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
             match frame {
                 None => {
-                    return Err(Status::internal(
-                        "read stream ended without a status (the server went away?)",
+                    return Err(Error::Unavailable(
+                        "read stream ended without a status (the server went away?)".into(),
                     ))
                 }
-                Some(Err(s)) => return Err(s),
+                Some(Err(s)) => return Err(s.into()),
                 Some(Ok(f)) => match f.into_data() {
                     Ok(data) => self.dec.buf = data, // decode took all of the last one
                     Err(f) => {
                         let Some(t) = f.trailers_ref() else { continue };
-                        let s = Status::from_header_map(t).unwrap_or_else(|| {
-                            Status::internal("read stream trailers without grpc-status")
-                        });
+                        let Some(s) = Status::from_header_map(t) else {
+                            return Err(invalid("read stream trailers without grpc-status".into()));
+                        };
                         if s.code() != Code::Ok {
-                            return Err(s);
+                            return Err(s.into());
                         }
                         self.done = true;
                     }
@@ -160,7 +167,7 @@ impl Decoder {
 
     /// Decodes one message out of `buf` if it completes one; otherwise
     /// keeps what `buf` held and returns `None` with `buf` empty.
-    fn decode(&mut self) -> Result<Option<ReadChunk>, Status> {
+    fn decode(&mut self) -> Result<Option<ReadChunk>> {
         loop {
             match &mut self.state {
                 State::Prefix { have, n } => {
@@ -172,13 +179,13 @@ impl Decoder {
                         return Ok(None);
                     }
                     if have[0] != 0 {
-                        return Err(Status::internal(
-                            "compressed read piece, but no compression was asked for",
+                        return Err(invalid(
+                            "compressed read piece, but no compression was asked for".into(),
                         ));
                     }
                     let len = u32::from_be_bytes([have[1], have[2], have[3], have[4]]) as usize;
                     if len > self.max_message {
-                        return Err(Status::out_of_range(format!(
+                        return Err(invalid(format!(
                             "read piece of {len} bytes, over the limit of {}",
                             self.max_message
                         )));
@@ -215,8 +222,13 @@ impl Decoder {
 }
 
 /// Decodes a piece; its `data` is a slice of `msg`, not a copy.
-fn decode_chunk(msg: Bytes) -> Result<ReadChunk, Status> {
-    ReadChunk::decode(msg).map_err(|e| Status::internal(format!("bad read piece: {e}")))
+fn decode_chunk(msg: Bytes) -> Result<ReadChunk> {
+    ReadChunk::decode(msg).map_err(|e| invalid(format!("bad read piece: {e}")))
+}
+
+/// A server that breaks the protocol: nothing to retry, nothing to trust.
+fn invalid(msg: String) -> Error {
+    Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, msg))
 }
 
 /// The gRPC code for an HTTP status that is not 200 (the gRPC spec's table).
@@ -300,9 +312,11 @@ mod tests {
     fn refuses_compressed_and_oversized_messages() {
         let mut d = Decoder::new(10);
         d.buf = Bytes::from_static(&[1, 0, 0, 0, 1, 0]);
-        assert_eq!(d.decode().unwrap_err().code(), Code::Internal);
+        let e = d.decode().unwrap_err().to_string();
+        assert!(e.contains("compressed"), "{e}");
         let mut d = Decoder::new(10);
         d.buf = Bytes::from_static(&[0, 0, 0, 0, 11]);
-        assert_eq!(d.decode().unwrap_err().code(), Code::OutOfRange);
+        let e = d.decode().unwrap_err().to_string();
+        assert!(e.contains("over the limit"), "{e}");
     }
 }
