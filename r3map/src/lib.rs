@@ -10,8 +10,8 @@
 //! 1. [`error`], [`size`], [`auth`]: no other module of the crate.
 //! 2. [`backend`]: the `Backend` trait and the local stores (`memory:`,
 //!    `file:`, `dir:`, `redis://`); [`nbd`]: the NBD server over any backend.
-//! 3. [`net`] and [`grpc`]: gRPC transport (endpoints, channels, servers)
-//!    and the error mapping shared by the services above.
+//! 3. [`net`], [`channel`] and [`grpc`]: gRPC transport (endpoints,
+//!    channels, servers) and the error mapping shared by the services above.
 //! 4. [`remote`]: regions of `r3map backend`, and a backend over one.
 //! 5. [`uri`]: opens a backend from its URI, any scheme (above
 //!    [`backend`] and [`remote`], which know nothing of each other).
@@ -26,6 +26,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod channel;
 pub mod cli;
 pub mod error;
 pub mod grpc;

@@ -14,7 +14,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+
+use crate::channel::{Dialer, H2Channel, TlsDial};
 
 pub use crate::auth::{ClientAuth, ClientTls, ServerAuth, ServerTls, Token};
 
@@ -32,8 +33,8 @@ pub enum NetError {
     Connect {
         /// The endpoint dialled.
         to: String,
-        /// What tonic reported.
-        source: tonic::transport::Error,
+        /// Why: the socket, TLS or HTTP/2 error.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -123,7 +124,7 @@ pub fn token(path: Option<&Path>) -> Result<Option<Token>, NetError> {
 }
 
 /// A channel that sends the bearer token (if any) with every call.
-pub type AuthedChannel = InterceptedService<Channel, ClientAuth>;
+pub type AuthedChannel = InterceptedService<H2Channel, ClientAuth>;
 
 /// The host part of an endpoint, which the server's certificate must name
 /// (unless `--tls-name` says otherwise). A unix socket has no host:
@@ -162,50 +163,15 @@ pub async fn connect_volume(
             .with_volume(v)
             .map_err(|e| NetError::Config(e.to_string()))?;
     }
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let uri = match ep {
-        Endpoint::Tcp(a) => format!("{scheme}://{a}"),
-        // The authority is ignored: the connector below dials the socket
-        // (and tonic layers TLS over it for https).
-        Endpoint::Unix(_) => format!("{scheme}://localhost"),
-    };
-    let mut e = TonicEndpoint::from_shared(uri)
-        .map_err(|e| NetError::Config(format!("{ep}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(keepalive.interval)
-        .keep_alive_timeout(keepalive.timeout)
-        .keep_alive_while_idle(keepalive.while_idle)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
-    if let Some(t) = tls {
-        let c = t
-            .config(tls_host(ep))
-            .map_err(|e| NetError::Config(e.to_string()))?;
-        e = e
-            .tls_config(c)
-            .map_err(|e| NetError::Config(format!("{ep}: TLS: {e}")))?;
-    }
-    let wrap = |source| NetError::Connect {
-        to: ep.to_string(),
-        source,
-    };
-    let ch = match ep {
-        Endpoint::Tcp(_) => e.connect().await.map_err(wrap)?,
-        Endpoint::Unix(p) => {
-            let p = p.clone();
-            e.connect_with_connector(tower::service_fn(move |_| {
-                let p = p.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(p).await?,
-                    ))
-                }
-            }))
-            .await
-            .map_err(wrap)?
-        }
-    };
+    let tls = tls.map(|t| TlsDial::new(t, tls_host(ep))).transpose()?;
+    let ch = H2Channel::connect(Dialer {
+        endpoint: ep.clone(),
+        tls,
+        keepalive,
+        stream_window: STREAM_WINDOW,
+        connection_window: CONNECTION_WINDOW,
+    })
+    .await?;
     Ok(InterceptedService::new(ch, auth))
 }
 
@@ -287,6 +253,9 @@ pub fn server(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(keepalive.interval))
         .http2_keepalive_timeout(Some(keepalive.timeout))
+        // Clients' streamed writes (pushed chunks) in large frames too;
+        // see crate::channel for why.
+        .max_frame_size(crate::channel::MAX_FRAME)
         .tcp_nodelay(true);
     match tls {
         None => Ok(s),

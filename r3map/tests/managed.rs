@@ -857,3 +857,62 @@ async fn pulled_zero_chunks_keep_the_cache_sparse() {
     assert_eq!(read(&m, 3 * MIB, 4096).await.unwrap(), vec![0u8; 4096]);
     m.close().await;
 }
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * KIB
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_tib_mount_opens_without_per_chunk_bookkeeping() {
+    // A million 1 MiB chunks: opening must not build a record or a queue
+    // entry per chunk (it did: ~100 MiB and a quarter of a second), only
+    // read the 1 MiB state file; the background pull then walks the
+    // chunks in order.
+    let dir = tmp();
+    let size = 1 << 40;
+    let p = Probe::new(size, MIB);
+    p.mem.write_at(size / 2, &[5u8; 4096]).await.unwrap();
+    let before = rss_bytes();
+    let m = plain(&dir.path().join("c"), &p, opts(MIB, 0));
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 16 * MIB,
+        "opening a 1 TiB mount grew RSS by {} MiB",
+        grown / MIB
+    );
+    assert_eq!(m.chunk_count(), 1 << 20);
+    assert_eq!(read(&m, size / 2, 4096).await.unwrap(), vec![5u8; 4096]);
+    assert_eq!(m.chunk_state((size / 2) / MIB), Some(ChunkState::Local));
+    m.write_at(size - 10, &[9u8; 10]).await.unwrap();
+    m.flush().await.unwrap();
+    assert_eq!(m.chunk_state((size - 1) / MIB), Some(ChunkState::Local));
+    let mut tail = [0u8; 10];
+    p.mem.read_at(size - 10, &mut tail).await.unwrap();
+    assert_eq!(tail, [9u8; 10], "the write reached the sink");
+    m.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pull_window_grows_to_cover_a_long_round_trip() {
+    // 50 ms per fetch: 16 fetches at a time (the starting window) move
+    // 16 chunks per 50 ms, a bandwidth-delay product the window must
+    // outgrow until it reaches its bound.
+    let d = tmp();
+    let chunk = 64 * KIB;
+    let p = Probe::with(&random_bytes(21, 512 * chunk), chunk).await;
+    p.read_delay_ms.store(50, SeqCst);
+    let m = plain(&d.path().join("c"), &p, opts(chunk, 64));
+    m.wait_complete().await;
+    let pr = m.progress();
+    assert_eq!(pr.pull_window, 64, "{pr:?}");
+    assert!(pr.pull_rtt_us >= 50_000, "{pr:?}");
+    assert!(read(&m, 0, 512 * chunk).await.unwrap() == random_bytes(21, 512 * chunk));
+    m.close().await;
+}

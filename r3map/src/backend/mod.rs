@@ -26,6 +26,26 @@ pub trait Backend: Send + Sync + 'static {
     /// Fills `buf` with the bytes at `offset`. Never-written bytes read as zeros.
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
 
+    /// Reads `offset..offset+len` as pieces that tile it in order, for a
+    /// caller that moves the bytes on (a managed mount writing them into
+    /// its cache) and needs no buffer of its own. The default reads one
+    /// piece with [`Backend::read_at`]; a backend that receives its bytes in
+    /// pieces anyway (a remote region) hands those over without copying them.
+    async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<bytes::Bytes>> {
+        let mut buf = vec![0u8; len as usize];
+        self.read_at(offset, &mut buf).await?;
+        Ok(vec![buf.into()])
+    }
+
+    /// True when [`Backend::read_pieces`] lends bytes the backend holds
+    /// anyway (RAM) rather than reading into a new buffer: then a server
+    /// sends them as they are (the NBD server's READ replies do) instead of
+    /// copying them into a buffer of its own. A wrapper forwards it along
+    /// with `read_pieces`.
+    fn lends_pieces(&self) -> bool {
+        false
+    }
+
     /// Writes `data` at `offset`. Durable only after [`Backend::flush`].
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
 
@@ -108,6 +128,12 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         (**self).read_at(offset, buf).await
+    }
+    async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<bytes::Bytes>> {
+        (**self).read_pieces(offset, len).await
+    }
+    fn lends_pieces(&self) -> bool {
+        (**self).lends_pieces()
     }
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         (**self).write_at(offset, data).await

@@ -48,30 +48,30 @@ impl Managed {
         let inner = &self.inner;
         let mut sh = inner.shared.lock().unwrap();
         let mut out = Vec::new();
-        while let Some((_, i)) = sh.queue.pop_first() {
-            let m = &mut sh.chunks[i as usize];
-            m.qkey = None;
-            if m.state == ChunkState::Missing && m.fetch.is_none() {
-                let (id, epoch, _) = sh.claim(i);
-                out.push(Claim { i, id, epoch });
-                break;
-            }
-        }
-        let Some(first) = out.first().map(|c| c.i) else {
+        // The head: bumped chunks, then the in-order pass, then retries.
+        let Some((first, id, epoch)) = sh.next_pull() else {
             return out;
         };
+        out.push(Claim {
+            i: first,
+            id,
+            epoch,
+        });
         let mut j = first + 1;
         while (out.len() as u64) < max && j < inner.count {
-            let m = &mut sh.chunks[j as usize];
-            if m.state != ChunkState::Missing || m.fetch.is_some() {
+            if !sh.claimable(j) {
                 break;
             }
-            if let Some(k) = m.qkey.take() {
+            if let Some(k) = sh.qkeys.remove(&j) {
                 sh.queue.remove(&(k, j));
             }
             let (id, epoch, _) = sh.claim(j);
             out.push(Claim { i: j, id, epoch });
             j += 1;
+        }
+        // The in-order pass need not look at the run again.
+        if sh.cursor > first && sh.cursor < j {
+            sh.cursor = j;
         }
         out
     }
@@ -86,11 +86,10 @@ impl Managed {
             if i >= inner.count {
                 continue;
             }
-            let m = &mut sh.chunks[i as usize];
-            if m.state != ChunkState::Missing || m.fetch.is_some() {
+            if !sh.claimable(i) {
                 continue;
             }
-            if let Some(k) = m.qkey.take() {
+            if let Some(k) = sh.qkeys.remove(&i) {
                 sh.queue.remove(&(k, i));
             }
             let (id, epoch, _) = sh.claim(i);
@@ -121,10 +120,9 @@ impl Managed {
     {
         let inner = &self.inner;
         let current = |sh: &Shared| {
-            let m = &sh.chunks[c.i as usize];
-            m.epoch == c.epoch
-                && m.state == ChunkState::Missing
-                && m.fetch.as_ref().map(|f| f.id) == Some(c.id)
+            sh.epochs[c.i as usize] == c.epoch
+                && sh.state(c.i) == ChunkState::Missing
+                && sh.fetch_id(c.i) == Some(c.id)
         };
         let res: Result<bool> = async {
             // Exclusive: no write to this chunk runs while its bytes land.
@@ -141,7 +139,7 @@ impl Managed {
             if !current(&sh) {
                 return Ok(false);
             }
-            let to = if std::mem::take(&mut sh.chunks[c.i as usize].push_on_install) {
+            let to = if sh.push_on_install.remove(&c.i) {
                 ChunkState::Dirty
             } else {
                 ChunkState::Local
@@ -179,11 +177,10 @@ impl Managed {
     /// `None` closes the channel without a result (waiters look again).
     fn finish_claim(&self, c: &Claim, result: FetchResult) {
         let mut sh = self.inner.shared.lock().unwrap();
-        let m = &mut sh.chunks[c.i as usize];
-        if m.fetch.as_ref().map(|f| f.id) != Some(c.id) {
+        if sh.fetch_id(c.i) != Some(c.id) {
             return; // mark_missing took it over
         }
-        let f = m.fetch.take().unwrap();
+        let f = sh.fetches.remove(&c.i).expect("checked above");
         sh.in_flight -= 1;
         drop(sh);
         if let Some(r) = result {
@@ -206,15 +203,13 @@ impl Managed {
         n.as_mut().enable();
         {
             let mut sh = inner.shared.lock().unwrap();
-            if !sh.queue.is_empty() {
+            // Queued chunks, or the in-order pass not done yet.
+            if !sh.queue.is_empty() || sh.cursor < inner.count {
                 return;
             }
             if sh.missing > sh.in_flight {
                 let stranded: Vec<u64> = (0..inner.count)
-                    .filter(|&i| {
-                        let m = &sh.chunks[i as usize];
-                        m.state == ChunkState::Missing && m.fetch.is_none() && m.qkey.is_none()
-                    })
+                    .filter(|&i| sh.claimable(i) && !sh.qkeys.contains_key(&i))
                     .collect();
                 for i in &stranded {
                     sh.enqueue(*i, *i as i64);

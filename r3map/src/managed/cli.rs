@@ -36,7 +36,8 @@ pub struct MountArgs {
     /// Chunk size of the cache (and of a chunked remote)
     #[arg(long, value_parser = crate::size::parse, default_value_t = DEFAULT_CHUNK_SIZE)]
     pub chunk_size: u64,
-    /// Background pull workers (0: fetch on demand only)
+    /// Most background fetches at once; the window adapts below it to the
+    /// measured bandwidth-delay product (0: fetch on demand only)
     #[arg(long, default_value_t = DEFAULT_PULL_WORKERS)]
     pub pull_workers: usize,
     /// Concurrent chunk pushes

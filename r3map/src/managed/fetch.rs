@@ -2,7 +2,8 @@
 //! on-demand fetches shared by every reader waiting on them, installation
 //! that a write or [`Managed::mark_missing`] can make stale.
 
-use std::os::unix::fs::FileExt;
+use std::fs::File;
+use std::io::IoSlice;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tracing::warn;
 use super::*;
 
 /// Queue keys at or above this are retries, taken after every other chunk.
-const RETRY_BASE: i64 = i64::MAX / 2;
+pub(super) const RETRY_BASE: i64 = i64::MAX / 2;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -23,7 +24,7 @@ impl Inner {
         let todo: Vec<u64> = chunks
             .iter()
             .copied()
-            .filter(|&i| i < self.count && sh.chunks[i as usize].state == ChunkState::Missing)
+            .filter(|&i| i < self.count && sh.state(i) == ChunkState::Missing)
             .collect();
         if todo.is_empty() {
             return;
@@ -41,11 +42,10 @@ impl Inner {
     /// the receiver of the fetch's result (new or already in flight).
     pub(super) fn start_fetch(self: &Arc<Self>, i: u64) -> Option<watch::Receiver<FetchResult>> {
         let mut sh = self.shared.lock().unwrap();
-        let m = &sh.chunks[i as usize];
-        if m.state != ChunkState::Missing {
+        if sh.state(i) != ChunkState::Missing {
             return None;
         }
-        if let Some(f) = &m.fetch {
+        if let Some(f) = sh.fetches.get(&i) {
             return Some(f.tx.subscribe());
         }
         let (id, epoch, rx) = sh.claim(i);
@@ -91,23 +91,27 @@ impl Inner {
     ) -> std::result::Result<(), String> {
         let src = self.source.read().unwrap().clone();
         let len = self.chunk_len(i);
-        let mut buf = vec![0u8; len as usize];
-        let res = match src.read_at(i * self.chunk, &mut buf).await {
-            Ok(()) => self.install(i, id, epoch, &buf).await,
+        let t0 = std::time::Instant::now();
+        // The pieces as received go into the cache: no chunk-sized buffer
+        // to zero, fill and copy out of again.
+        let res = match src.read_pieces(i * self.chunk, len).await {
+            Ok(pieces) => {
+                // Every fetch counts toward the pull rate, on-demand ones
+                // too: they move the same link.
+                self.window.record(len, t0.elapsed());
+                self.install(i, id, epoch, &pieces).await
+            }
             Err(e) => Err(e.to_string()),
         };
         if res.is_err() {
             self.counters.fetch_errors.fetch_add(1, Relaxed);
         }
         let mut sh = self.shared.lock().unwrap();
-        let mine = sh.chunks[i as usize].fetch.as_ref().map(|f| f.id) == Some(id);
+        let mine = sh.fetch_id(i) == Some(id);
         if mine {
-            let f = sh.chunks[i as usize].fetch.take().unwrap();
+            let f = sh.fetches.remove(&i).expect("checked above");
             sh.in_flight -= 1;
-            if res.is_err()
-                && sh.chunks[i as usize].state == ChunkState::Missing
-                && self.opts.pull_workers > 0
-            {
+            if res.is_err() && sh.state(i) == ChunkState::Missing && self.opts.pull_workers > 0 {
                 // Retried by the background pull, after everything else.
                 let key = RETRY_BASE + sh.retry_seq;
                 sh.retry_seq += 1;
@@ -127,13 +131,19 @@ impl Inner {
         i: u64,
         id: u64,
         epoch: u64,
-        buf: &[u8],
+        pieces: &[bytes::Bytes],
     ) -> std::result::Result<(), String> {
+        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        if len != self.chunk_len(i) {
+            return Err(format!(
+                "the source returned {len} bytes for chunk {i} of {}",
+                self.chunk_len(i)
+            ));
+        }
         let current = |sh: &Shared| {
-            let m = &sh.chunks[i as usize];
-            m.epoch == epoch
-                && m.state == ChunkState::Missing
-                && m.fetch.as_ref().map(|f| f.id) == Some(id)
+            sh.epochs[i as usize] == epoch
+                && sh.state(i) == ChunkState::Missing
+                && sh.fetch_id(i) == Some(id)
         };
         // Exclusive: no write to this chunk runs while its old bytes land.
         let _x = self.stripe(i).write().await;
@@ -143,15 +153,14 @@ impl Inner {
         {
             let _w = self.install_lock.lock().await;
             let off = i * self.chunk;
-            if buf.iter().all(|&b| b == 0) {
+            if pieces.iter().all(|p| p.iter().all(|&b| b == 0)) {
                 // Never-written chunks arrive as zeros: a hole keeps the
                 // cache sparse (a fresh 1 GiB volume would otherwise fill
                 // 1 GiB of the node's disk) and reads back as zeros.
-                crate::backend::file::punch_hole(&self.cache, off, buf.len() as u64)
+                crate::backend::file::punch_hole(&self.cache, off, len)
                     .map_err(|e| format!("punching chunk {i} in the cache: {e}"))?;
             } else {
-                self.cache
-                    .write_all_at(buf, off)
+                write_pieces_at(&self.cache, pieces, off)
                     .map_err(|e| format!("writing chunk {i} to the cache: {e}"))?;
             }
         }
@@ -160,40 +169,38 @@ impl Inner {
             return Ok(());
         }
         // A chunk handed over unpushed goes out with the next push.
-        let to = if std::mem::take(&mut sh.chunks[i as usize].push_on_install) {
+        let to = if sh.push_on_install.remove(&i) {
             ChunkState::Dirty
         } else {
             ChunkState::Local
         };
         self.transition(&mut sh, i, to).map_err(|e| e.to_string())?;
         drop(sh);
-        self.counters
-            .bytes_pulled
-            .fetch_add(buf.len() as u64, Relaxed);
+        self.counters.bytes_pulled.fetch_add(len, Relaxed);
         self.present_notify.notify_waiters();
         Ok(())
     }
 
-    pub(super) async fn pull_worker(self: Arc<Self>) {
+    /// Background worker `idx`: pulls while `idx` is inside the window.
+    pub(super) async fn pull_worker(self: Arc<Self>, idx: usize) {
         let mut backoff = BACKOFF_MIN;
         loop {
+            if idx >= self.window.size() {
+                let g = self.window.grown.notified();
+                tokio::pin!(g);
+                g.as_mut().enable();
+                if idx >= self.window.size() {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = g => {}
+                    }
+                }
+                continue;
+            }
             let n = self.queue_notify.notified();
             tokio::pin!(n);
             n.as_mut().enable();
-            let job = {
-                let mut sh = self.shared.lock().unwrap();
-                let mut job = None;
-                while let Some((_, i)) = sh.queue.pop_first() {
-                    let m = &mut sh.chunks[i as usize];
-                    m.qkey = None;
-                    if m.state == ChunkState::Missing && m.fetch.is_none() {
-                        let (id, epoch, _) = sh.claim(i);
-                        job = Some((i, id, epoch));
-                        break;
-                    }
-                }
-                job
-            };
+            let job = self.shared.lock().unwrap().next_pull();
             match job {
                 Some((i, id, epoch)) => match self.run_fetch(i, id, epoch).await {
                     Ok(()) => backoff = BACKOFF_MIN,
@@ -231,11 +238,10 @@ impl Inner {
                         size: self.size,
                     });
                 }
-                let m = &mut sh.chunks[i as usize];
-                m.epoch += 1;
-                m.gen += 1;
+                sh.epochs[i as usize] += 1;
+                sh.gens[i as usize] += 1;
                 // Its waiters see the channel close and fetch again.
-                if m.fetch.take().is_some() {
+                if sh.fetches.remove(&i).is_some() {
                     sh.in_flight -= 1;
                 }
                 self.transition(&mut sh, i, ChunkState::Missing)?;
@@ -244,4 +250,23 @@ impl Inner {
         self.prioritize(chunks);
         Ok(())
     }
+}
+
+/// Writes `pieces` back to back at `off`: one `pwritev` for a whole chunk
+/// (looping only if the kernel takes less).
+fn write_pieces_at(f: &File, pieces: &[bytes::Bytes], off: u64) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    let mut at = off;
+    while !rest.is_empty() {
+        let n = match nix::sys::uio::pwritev(f, rest, at as i64) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        at += n as u64;
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }

@@ -36,12 +36,12 @@ impl Inner {
             let stripe = self.stripe(i).read().await;
             let need_fetch = {
                 let mut sh = self.shared.lock().unwrap();
-                let need = match sh.chunks[i as usize].state {
+                let need = match sh.state(i) {
                     // Read-modify-write: the rest of the chunk must come first.
                     ChunkState::Missing if !full => true,
                     ChunkState::Missing => {
                         // Covered whole: a fetch in flight is now stale.
-                        sh.chunks[i as usize].epoch += 1;
+                        sh.epochs[i as usize] += 1;
                         self.transition(&mut sh, i, ChunkState::Dirty)?;
                         became_present = true;
                         false
@@ -53,9 +53,8 @@ impl Inner {
                     ChunkState::Dirty => false,
                 };
                 if !need {
-                    let m = &mut sh.chunks[i as usize];
-                    m.writers += 1;
-                    m.gen += 1;
+                    sh.writers[i as usize] += 1;
+                    sh.gens[i as usize] += 1;
                 }
                 need
             };
@@ -67,9 +66,8 @@ impl Inner {
             let r = op();
             {
                 let mut sh = self.shared.lock().unwrap();
-                let m = &mut sh.chunks[i as usize];
-                m.writers -= 1;
-                m.gen += 1;
+                sh.writers[i as usize] -= 1;
+                sh.gens[i as usize] += 1;
             }
             if became_present {
                 self.present_notify.notify_waiters();
@@ -90,16 +88,14 @@ impl Inner {
             self.ensure(i).await?;
             let epoch = {
                 let sh = self.shared.lock().unwrap();
-                let m = &sh.chunks[i as usize];
-                if m.state == ChunkState::Missing {
+                if sh.state(i) == ChunkState::Missing {
                     continue;
                 }
-                m.epoch
+                sh.epochs[i as usize]
             };
             read_exact_at(&self.cache, out, i * self.chunk + within)?;
             let sh = self.shared.lock().unwrap();
-            let m = &sh.chunks[i as usize];
-            if m.epoch == epoch && m.state != ChunkState::Missing {
+            if sh.epochs[i as usize] == epoch && sh.state(i) != ChunkState::Missing {
                 return Ok(());
             }
         }

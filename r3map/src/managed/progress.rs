@@ -30,6 +30,13 @@ pub struct Progress {
     pub fetch_errors: u64,
     /// Failed pushes (each retried).
     pub push_errors: u64,
+    /// Background fetches allowed at once now (the pull's window).
+    #[serde(default)]
+    pub pull_window: u64,
+    /// Lowest background fetch time seen recently, in microseconds (the
+    /// round trip the window is sized from); 0 before the first.
+    #[serde(default)]
+    pub pull_rtt_us: u64,
 }
 
 impl Progress {
@@ -58,6 +65,12 @@ impl Inner {
             on_demand_fetches: c.on_demand.load(Relaxed),
             fetch_errors: c.fetch_errors.load(Relaxed),
             push_errors: c.push_errors.load(Relaxed),
+            pull_window: if self.opts.pull_workers == 0 {
+                0
+            } else {
+                self.window.size() as u64
+            },
+            pull_rtt_us: self.window.rtt().map_or(0, |d| d.as_micros() as u64),
         }
     }
 }

@@ -43,10 +43,7 @@ impl Inner {
             let sh = self.shared.lock().unwrap();
             sh.dirty_set
                 .iter()
-                .map(|&i| {
-                    let m = &sh.chunks[i as usize];
-                    (i, m.gen, m.writers == 0)
-                })
+                .map(|&i| (i, sh.gens[i as usize], sh.writers[i as usize] == 0))
                 .collect()
         };
         if snap.is_empty() {
@@ -119,8 +116,10 @@ impl Inner {
             {
                 let mut sh = self.shared.lock().unwrap();
                 for (i, gen) in done {
-                    let m = &sh.chunks[i as usize];
-                    if m.state == ChunkState::Dirty && m.gen == gen && m.writers == 0 {
+                    if sh.state(i) == ChunkState::Dirty
+                        && sh.gens[i as usize] == gen
+                        && sh.writers[i as usize] == 0
+                    {
                         self.transition(&mut sh, i, ChunkState::Local)?;
                         pushed += 1;
                         bytes += self.chunk_len(i);

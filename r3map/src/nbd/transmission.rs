@@ -19,11 +19,12 @@ use super::proto::*;
 use crate::backend::Error as BackendError;
 
 /// One reply: a header and, for reads, the first `len` bytes of `data`
-/// (a pooled buffer, possibly longer).
+/// (a pooled buffer, possibly longer), or `pieces` lent by the backend.
 struct Reply {
     head: Vec<u8>,
     data: Vec<u8>,
     len: usize,
+    pieces: Vec<bytes::Bytes>,
 }
 
 impl Reply {
@@ -32,7 +33,13 @@ impl Reply {
             head,
             data: Vec::new(),
             len: 0,
+            pieces: Vec::new(),
         }
+    }
+
+    /// Bytes after the header.
+    fn payload_len(&self) -> usize {
+        self.len + self.pieces.iter().map(|p| p.len()).sum::<usize>()
     }
 }
 
@@ -324,10 +331,15 @@ async fn execute(ctx: &Ctx, req: Request, data: Vec<u8>) -> (Reply, bool) {
     let b = &ctx.export.backend;
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let res = match req.kind {
+        // RAM: the backend's own bytes go out as they are, no copy.
+        CMD_READ if b.lends_pieces() => match b.read_pieces(req.offset, req.len as u64).await {
+            Ok(pieces) => return (read_reply(ctx, req, Vec::new(), pieces), true),
+            Err(e) => Err(e),
+        },
         CMD_READ => {
             let mut buf = ctx.pool.take(req.len as usize);
             match b.read_at(req.offset, &mut buf[..req.len as usize]).await {
-                Ok(()) => return (read_reply(ctx, req, buf), true),
+                Ok(()) => return (read_reply(ctx, req, buf, Vec::new()), true),
                 Err(e) => {
                     ctx.pool.give(buf);
                     Err(e)
@@ -358,16 +370,23 @@ async fn execute(ctx: &Ctx, req: Request, data: Vec<u8>) -> (Reply, bool) {
     }
 }
 
-fn read_reply(ctx: &Ctx, req: Request, buf: Vec<u8>) -> Reply {
-    let len = req.len as usize;
+/// A READ's reply carrying `req.len` bytes: the start of `buf`, or else
+/// `pieces`.
+fn read_reply(ctx: &Ctx, req: Request, buf: Vec<u8>, pieces: Vec<bytes::Bytes>) -> Reply {
+    let len = if pieces.is_empty() {
+        req.len as usize
+    } else {
+        0
+    };
     if !ctx.structured {
         return Reply {
             head: simple_reply(req.cookie, 0),
             data: buf,
             len,
+            pieces,
         };
     }
-    if len == 0 {
+    if req.len == 0 {
         ctx.pool.give(buf);
         return Reply::bare(structured_header(
             req.cookie,
@@ -380,13 +399,14 @@ fn read_reply(ctx: &Ctx, req: Request, buf: Vec<u8>) -> Reply {
         req.cookie,
         REPLY_FLAG_DONE,
         REPLY_TYPE_OFFSET_DATA,
-        8 + len as u32,
+        8 + req.len,
     );
     head.extend_from_slice(&req.offset.to_be_bytes());
     Reply {
         head,
         data: buf,
         len,
+        pieces,
     }
 }
 
@@ -440,12 +460,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     while let Some(r) = rx.recv().await {
         // Whatever else is ready goes out in the same syscall: headers and
         // data together, no copy into an intermediate buffer.
-        let mut bytes = r.head.len() + r.len;
+        let mut bytes = r.head.len() + r.payload_len();
         batch.push(r);
         while batch.len() < BATCH_REPLIES && bytes < BATCH_BYTES {
             match rx.try_recv() {
                 Ok(r) => {
-                    bytes += r.head.len() + r.len;
+                    bytes += r.head.len() + r.payload_len();
                     batch.push(r);
                 }
                 Err(_) => break,
@@ -457,6 +477,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             if r.len > 0 {
                 slices.push(IoSlice::new(&r.data[..r.len]));
             }
+            slices.extend(r.pieces.iter().map(|p| IoSlice::new(p)));
         }
         write_all_vectored(&mut wr, &mut slices).await?;
         for r in batch.drain(..) {
@@ -471,6 +492,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     mut slices: &mut [IoSlice<'_>],
 ) -> io::Result<()> {
     while !slices.is_empty() {
+        // std passes at most IOV_MAX slices to writev; the rest go next turn.
         let n = wr.write_vectored(slices).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());

@@ -14,12 +14,16 @@ use tonic::{Code, Status};
 
 use super::pb::region_store_client::RegionStoreClient;
 use super::pb::*;
+use super::stream::ReadStream;
 use crate::auth::{AuthError, ClientTls, Token};
 use crate::backend::{check_range, Backend, Error, Result};
 use crate::net::{self, Keepalive, NetError};
 
 /// The generated region client over an authenticated channel.
 pub type Grpc = RegionStoreClient<net::AuthedChannel>;
+
+/// Largest message a client decodes (a read piece is 1 MiB).
+const MAX_MESSAGE: usize = 64 << 20;
 
 /// Why a client could not be set up, or a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +39,8 @@ pub enum ClientError {
     Connect {
         /// The address dialled.
         to: String,
-        /// What tonic reported.
-        source: tonic::transport::Error,
+        /// Why: the socket, TLS or HTTP/2 error.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Boxed: a Status is large, and this error is returned often.
     #[error("{}: {}", .0.code(), .0.message())]
@@ -206,6 +210,8 @@ impl RemoteUri {
 #[derive(Clone)]
 pub struct Client {
     grpc: Grpc,
+    /// The channel under `grpc`, for the read stream ([`super::stream`]).
+    chan: net::AuthedChannel,
     limits: Limits,
 }
 
@@ -232,12 +238,16 @@ impl Client {
             Keepalive::REGION,
         )
         .await?;
-        let mut grpc = RegionStoreClient::new(ch).max_decoding_message_size(64 << 20);
+        let mut grpc = RegionStoreClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE);
         let limits = grpc.get_limits(GetLimitsRequest {}).await?.into_inner();
         if limits.max_request == 0 {
             return Err(ClientError::Config("server reports max_request 0".into()));
         }
-        Ok(Client { grpc, limits })
+        Ok(Client {
+            grpc,
+            chan: ch,
+            limits,
+        })
     }
 
     /// The server's limits, asked for at connect.
@@ -304,6 +314,7 @@ impl Client {
         let r = self.get_region(id).await?;
         Ok(RemoteBackend {
             grpc: self.grpc(),
+            chan: self.chan.clone(),
             region: r.id,
             size: r.size,
             max_request: self.limits.max_request,
@@ -317,6 +328,7 @@ impl Client {
 /// Every mutating call carries the writer's fencing epoch.
 pub struct RemoteBackend {
     grpc: Grpc,
+    chan: net::AuthedChannel,
     region: String,
     size: u64,
     max_request: u64,
@@ -374,39 +386,39 @@ impl RemoteBackend {
         self.epoch.store(epoch, Ordering::SeqCst);
     }
 
-    async fn read_call(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// One streamed read of `offset..offset+len` (at most the server's
+    /// maximum request), each piece handed to `take` as it arrives: the
+    /// pieces are slices of what was received, not copies.
+    async fn read_call(
+        &self,
+        offset: u64,
+        len: u64,
+        mut take: impl FnMut(prost::bytes::Bytes),
+    ) -> Result<()> {
         let req = ReadRequest {
             region: self.region.clone(),
             offset,
-            length: buf.len() as u64,
+            length: len,
         };
-        let mut stream = self
-            .grpc
-            .clone()
-            .read(req)
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        let mut pos = 0usize;
-        while let Some(piece) = stream.message().await.map_err(status_error)? {
+        let mut stream = ReadStream::start(&self.chan, req, MAX_MESSAGE).await?;
+        let mut pos = 0u64;
+        while let Some(piece) = stream.next().await? {
             // Pieces come in order and tile the range exactly; anything
             // else is a broken server, not data to trust.
-            let n = piece.data.len();
-            if piece.offset != offset + pos as u64 || n > buf.len() - pos {
+            let n = piece.data.len() as u64;
+            if piece.offset != offset + pos || n > len - pos {
                 return Err(protocol_error(format!(
-                    "read piece {}+{n} does not follow {} in {offset}+{}",
+                    "read piece {}+{n} does not follow {} in {offset}+{len}",
                     piece.offset,
-                    offset + pos as u64,
-                    buf.len()
+                    offset + pos,
                 )));
             }
-            buf[pos..pos + n].copy_from_slice(&piece.data);
             pos += n;
+            take(piece.data);
         }
-        if pos != buf.len() {
+        if pos != len {
             return Err(protocol_error(format!(
-                "short read: {pos} of {} bytes at {offset}",
-                buf.len()
+                "short read: {pos} of {len} bytes at {offset}"
             )));
         }
         Ok(())
@@ -434,11 +446,27 @@ impl Backend for RemoteBackend {
         let mut pos = 0;
         // A range over the server's limit becomes several calls.
         for part in buf.chunks_mut(step) {
-            let n = part.len();
-            self.read_call(offset + pos as u64, part).await?;
-            pos += n;
+            let mut at = 0;
+            self.read_call(offset + pos as u64, part.len() as u64, |p| {
+                part[at..at + p.len()].copy_from_slice(&p);
+                at += p.len();
+            })
+            .await?;
+            pos += part.len();
         }
         Ok(())
+    }
+
+    async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<prost::bytes::Bytes>> {
+        check_range(offset, len, self.size)?;
+        let mut pieces = Vec::with_capacity(len.div_ceil(super::READ_PIECE) as usize);
+        let mut pos = 0;
+        while pos < len {
+            let n = self.max_request.min(len - pos);
+            self.read_call(offset + pos, n, |p| pieces.push(p)).await?;
+            pos += n;
+        }
+        Ok(pieces)
     }
 
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
