@@ -1982,3 +1982,131 @@ fn older_copy_transfers_only_changed_chunks_and_a_corrupt_one() {
     assert!(a2.proc.stop().success(), "{}", read_log(&a2.log));
     assert!(b.proc.stop().success(), "{}", read_log(&b.log));
 }
+
+/// Finalize releases the destination before the hand-over's record is
+/// durable (the commit is delayed here by a failpoint): a read waiting on
+/// the held export is answered at once, but a flush issued after it is
+/// acknowledged only once the record is committed.
+#[test]
+fn finalize_releases_before_its_record_is_durable_but_flushes_wait_for_it() {
+    require("nbdcopy");
+    let _g = serial();
+    let dir = tmp();
+    let (size, chunk) = (8 * MIB, 256 * KIB);
+    let mut src = start_source(dir.path(), "a", "memory:", size, chunk);
+    let mut model = fill(&src.sock, dir.path(), size, 11);
+    let from = format!("127.0.0.1:{}", src.seed_port);
+    let delay = Duration::from_millis(1500);
+    let mut dst = start_leech_env(
+        dir.path(),
+        "b",
+        &from,
+        &[],
+        &[("R3MAP_FAILPOINT", "leech-commit-delay:1500")],
+    );
+    wait_present(&dst.ctl, 1.0);
+    let held = held_read(&dst.sock, 0, 4096);
+    std::thread::sleep(Duration::from_millis(100));
+    let ctl = dst.ctl.clone();
+    let fin = std::thread::spawn(move || {
+        let out = finalize_ok(&ctl, &[]);
+        (Instant::now(), out)
+    });
+    let t0 = Instant::now();
+    let (t_read, r) = held.join().unwrap();
+    assert_eq!(r.unwrap(), model[..4096], "the held read's bytes");
+    assert!(
+        t_read - t0 < delay / 2,
+        "the held read waited {:?}: released only after the record",
+        t_read - t0
+    );
+    let data = random_bytes(12, 64 * KIB);
+    let sock = dst.sock.clone();
+    let (d2, off) = (data.clone(), 3 * chunk + 100);
+    let flusher = std::thread::spawn(move || {
+        let r = write_flush(&sock, off, &d2);
+        (Instant::now(), r)
+    });
+    let (t_fin, out) = fin.join().unwrap();
+    let (t_flush, r) = flusher.join().unwrap();
+    r.unwrap();
+    assert!(
+        t_flush - t_read >= delay * 2 / 3,
+        "the flush was acknowledged {:?} after the release, before the record was durable ({out})",
+        t_flush - t_read
+    );
+    assert!(
+        t_fin - t0 >= delay * 2 / 3,
+        "finalize returned early: {out}"
+    );
+    model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    finalize_ok(&dst.ctl, &["--wait", "--timeout", "120s"]);
+    assert_same(
+        "destination",
+        &read_export(&dst.sock, dir.path()),
+        &model,
+        chunk,
+    );
+    assert!(dst.proc.stop().success(), "{}", read_log(&dst.log));
+    assert!(src.proc.stop().success());
+}
+
+/// The destination dies after finalize released it and before the record
+/// is committed, with a write and a flush of the application in between:
+/// the flush must not have been acknowledged, and the destination started
+/// again on the same cache finalizes again (the seed repeats its answer)
+/// into a byte-exact copy (the unflushed write may be there or not).
+#[test]
+fn destination_crashed_after_release_before_its_record_finalizes_again() {
+    require("nbdcopy");
+    let _g = serial();
+    let dir = tmp();
+    let (size, chunk) = (8 * MIB, 256 * KIB);
+    let mut src = start_source(dir.path(), "a", "memory:", size, chunk);
+    let model = fill(&src.sock, dir.path(), size, 13);
+    let from = format!("127.0.0.1:{}", src.seed_port);
+    let mut dst = start_leech_env(
+        dir.path(),
+        "b",
+        &from,
+        &[],
+        &[(
+            "R3MAP_FAILPOINT",
+            "leech-commit-delay:700,leech-crash-before-commit:1",
+        )],
+    );
+    wait_present(&dst.ctl, 1.0);
+    let held = held_read(&dst.sock, 0, 4096);
+    std::thread::sleep(Duration::from_millis(100));
+    let ctl = dst.ctl.clone();
+    let fin = std::thread::spawn(move || finalize(&ctl, &[]));
+    let (_, r) = held.join().unwrap();
+    assert_eq!(r.unwrap(), model[..4096]);
+    let data = random_bytes(14, 64 * KIB);
+    let off = 5 * chunk;
+    let flushed = write_flush(&dst.sock, off, &data);
+    assert!(
+        flushed.is_err(),
+        "a flush was acknowledged before the finalized record was durable, and the destination then crashed"
+    );
+    let out = fin.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "finalize answered although the leech died"
+    );
+    let st = dst.proc.child.wait().unwrap();
+    assert!(!st.success(), "the leech aborted at the failpoint ({st})");
+    let mut dst = start_leech_env(dir.path(), "b", &from, &[], &[]);
+    finalize_ok(&dst.ctl, &["--wait", "--timeout", "120s"]);
+    let got = read_export(&dst.sock, dir.path());
+    let r = off as usize..off as usize + data.len();
+    assert!(
+        got[r.clone()] == model[r.clone()] || got[r.clone()] == data[..],
+        "the unflushed write's range holds neither version"
+    );
+    let mut want = model.clone();
+    want[r.clone()].copy_from_slice(&got[r]);
+    assert_same("destination", &got, &want, chunk);
+    assert!(dst.proc.stop().success(), "{}", read_log(&dst.log));
+    assert!(src.proc.stop().success());
+}

@@ -177,6 +177,7 @@ impl Backend for Managed {
         let inner = &self.inner;
         let _g = inner.gate.read().await;
         inner.check_fenced()?;
+        super::barrier::pass(&inner.barrier).await?;
         let synced = match inner.opts.durability {
             Durability::Flush => inner.push_round().await?,
             Durability::Async => false,

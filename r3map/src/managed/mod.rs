@@ -25,6 +25,7 @@
 //! being pushed Dirty; a per-chunk epoch discards fetches made stale by
 //! [`Managed::mark_missing`] or by a write covering the whole chunk.
 
+mod barrier;
 mod bulk;
 mod cache;
 pub mod cli;
@@ -48,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{Backend, Error, Result};
+pub use barrier::FlushBarrier;
 pub use bulk::Claim;
 pub use lock::{lock_path, CacheLock};
 pub use progress::Progress;
@@ -274,6 +276,8 @@ struct Inner {
     /// Set by [`Managed::seal`]: a migration handed this mount's region to
     /// another host; writes and pushes stop for good.
     sealed: std::sync::atomic::AtomicBool,
+    /// Flushes and pushes wait while it is pending ([`barrier`]).
+    barrier: Arc<watch::Sender<barrier::State>>,
     stop: CancellationToken,
     tasks: TaskTracker,
     /// Dropped with the last reference, i.e. after every task that can
@@ -396,6 +400,7 @@ impl Managed {
             push_lock: tokio::sync::Mutex::new(()),
             install_lock: tokio::sync::Mutex::new(()),
             queue_notify: Notify::new(),
+            barrier: Arc::new(watch::channel(barrier::State::Open).0),
             window: window::Window::new(opts.pull_workers, chunk),
             present_notify: Notify::new(),
             counters: Counters::default(),

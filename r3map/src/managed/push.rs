@@ -32,6 +32,8 @@ impl Inner {
         let Some(sink) = self.sink.clone() else {
             return Ok(false); // nowhere to push: Dirty stays Dirty
         };
+        // Nothing leaves for the store before the owner's state is durable.
+        super::barrier::pass(&self.barrier).await?;
         let _p = self.push_lock.lock().await;
         if self.sealed.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(false); // the region moved on: its new host pushes

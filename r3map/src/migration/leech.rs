@@ -737,20 +737,42 @@ impl Leech {
         let epoch = self.take_over(&mut rec, &h).await?;
         self.mark(&h).await?;
         let t_apply = t.elapsed();
+        // The application resumes now; what makes the hand-over durable
+        // runs behind it, and no flush is acknowledged (nothing pushed)
+        // before it is done (managed/barrier.rs says why that is safe).
+        let barrier = self.managed.release_before_durable().await;
+        let elapsed = t.elapsed();
         // The new chunk states and the record written aside are synced side
         // by side (the file system batches the two), then the record is
         // committed: `applied` is durable only after the states are.
         rec.applied = true;
-        let (synced, prepared) = tokio::join!(
-            self.managed.sync_local(),
-            record::prepare_async(self.record_path.clone(), rec.clone())
-        );
-        synced?;
-        prepared?;
-        record::commit_async(self.record_path.clone()).await?;
-        self.managed.release().await;
-        let elapsed = t.elapsed();
-        debug!(?t_seed, ?t_apply, took = ?elapsed, "migration: finalize steps (seed answered, hand-over applied and synced, recorded and released)");
+        let durable = async {
+            if let Some(ms) = failpoint("leech-commit-delay") {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let (synced, prepared) = tokio::join!(
+                self.managed.sync_local(),
+                record::prepare_async(self.record_path.clone(), rec.clone())
+            );
+            synced?;
+            prepared?;
+            if failpoint("leech-crash-before-commit").is_some() {
+                error!("failpoint leech-crash-before-commit: aborting");
+                std::process::abort();
+            }
+            record::commit_async(self.record_path.clone()).await
+        }
+        .await;
+        if let Err(e) = durable {
+            // Writes were let in: applying the hand-over again would drop
+            // them, so this destination cannot finalize any more.
+            let why = format!("recording the finalized migration failed: {e}");
+            barrier.fail(&why);
+            self.phase.send_modify(|p| p.fatal = Some(why));
+            return Err(e);
+        }
+        barrier.open();
+        debug!(?t_seed, ?t_apply, released = ?elapsed, durable = ?t.elapsed(), "migration: finalize steps (seed answered, hand-over applied, released, recorded)");
         self.phase.send_modify(|p| {
             p.finalized = true;
             if lost {
@@ -996,13 +1018,18 @@ async fn run_delta(leech: Weak<Leech>, claims: Vec<crate::managed::Claim>) {
 }
 
 /// A test hook: `R3MAP_FAILPOINT=NAME:N` makes the process abort at the
-/// point NAME for N (here: right after the seed answered pre-copy round
-/// N, before it is applied), as a crash there would. Used by the tests of
-/// crash-resume; unset, it costs one environment lookup per round.
+/// point NAME for N, as a crash there would: `leech-crash-after-dirty:N`
+/// right after the seed answered pre-copy round N, before it is applied;
+/// `leech-crash-before-commit:1` in finalize after the export was released,
+/// before the record is committed. `leech-commit-delay:MS` only delays that
+/// commit. Used by the tests of crash-resume; unset, it costs one
+/// environment lookup per round. Several: NAME:N,NAME:N.
 fn failpoint(name: &str) -> Option<u64> {
     let v = std::env::var("R3MAP_FAILPOINT").ok()?;
-    let (n, at) = v.split_once(':')?;
-    (n == name).then(|| at.parse().ok()).flatten()
+    v.split(',').find_map(|one| {
+        let (n, at) = one.split_once(':')?;
+        (n == name).then(|| at.parse().ok()).flatten()
+    })
 }
 
 /// Iterative pre-copy: each time every chunk is here, ask the seed for the
