@@ -797,6 +797,31 @@ impl Controller for ControllerService {
         Err(Status::unimplemented("snapshots are not supported"))
     }
 
+    async fn get_snapshot(
+        &self,
+        _: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+
+    async fn controller_list_volume_health(
+        &self,
+        _: Request<ControllerListVolumeHealthRequest>,
+    ) -> Result<Response<ControllerListVolumeHealthResponse>, Status> {
+        Err(Status::unimplemented(
+            "volume health is not supported (no LIST_VOLUME_HEALTH capability)",
+        ))
+    }
+
+    async fn controller_get_volume_health(
+        &self,
+        _: Request<ControllerGetVolumeHealthRequest>,
+    ) -> Result<Response<ControllerGetVolumeHealthResponse>, Status> {
+        Err(Status::unimplemented(
+            "volume health is not supported (no GET_VOLUME_HEALTH capability)",
+        ))
+    }
+
     async fn controller_modify_volume(
         &self,
         _: Request<ControllerModifyVolumeRequest>,

@@ -660,6 +660,32 @@ async fn validate_list_expand_capacity() {
         ),
         Code::Unimplemented
     );
+    assert_eq!(
+        code(c.get_snapshot(GetSnapshotRequest::default()).await),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(
+            c.controller_list_volume_health(ControllerListVolumeHealthRequest::default())
+                .await
+        ),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(
+            c.controller_get_volume_health(ControllerGetVolumeHealthRequest::default())
+                .await
+        ),
+        Code::Unimplemented
+    );
+    use controller_service_capability::rpc::Type as CtrlRpc;
+    for t in [
+        CtrlRpc::GetSnapshot,
+        CtrlRpc::ListVolumeHealth,
+        CtrlRpc::GetVolumeHealth,
+    ] {
+        assert!(!csi::capabilities::CONTROLLER.contains(&t), "{t:?}");
+    }
 
     // A region removed behind the controller's back is reported abnormal.
     env.regions().await.delete_region(&id).await.unwrap();

@@ -15,10 +15,10 @@ pub mod secrets;
 pub mod trace;
 pub mod validate;
 
-/// Generated from proto/csi.proto (package `csi.v1`): the upstream CSI
-/// spec's csi.proto, verbatim, from container-storage-interface/spec at
-/// commit 2696773158b970c65107610d8f3ef4302546eca0 (master of 14 March
-/// 2024, after v1.9.0 and before v1.10.0; see tests/wire.rs for its hash).
+/// Generated from proto/csi.proto (package `csi.v1`): the CSI spec's
+/// definitions (container-storage-interface/spec, as of v1.13.0-rc1; the
+/// file's header names the source) in our own layout, without the spec's
+/// prose; tests/wire.rs pins wire numbers through prost's encoding.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("csi.v1");

@@ -1,6 +1,7 @@
-//! The generated code speaks csi.v1 on the wire: proto/csi.proto is the
-//! upstream file (its hash), field numbers are checked through encoded
-//! bytes, and the gRPC paths kubelet and the sidecars call.
+//! The generated code speaks csi.v1 on the wire: proto/csi.proto declares
+//! the spec's services and RPCs, field and enum numbers are checked through
+//! encoded bytes (those added with the v1.13.0-rc1 definitions included),
+//! and the gRPC paths kubelet and the sidecars call.
 
 use std::collections::HashMap;
 
@@ -78,6 +79,11 @@ fn proto_declares_the_services_and_rpcs() {
         "rpc NodePublishVolume (",
         "rpc NodeGetVolumeStats (",
         "rpc NodeExpandVolume(",
+        "rpc GetSnapshot (",
+        "rpc ControllerListVolumeHealth (",
+        "rpc ControllerGetVolumeHealth (",
+        "rpc NodeGetVolumeHealth (",
+        "rpc NodeGetStorageHealth (",
     ] {
         assert!(text.contains(rpc), "{rpc}");
     }
@@ -180,6 +186,126 @@ fn controller_message_numbers() {
     assert_eq!(pr, vec![ld(1), 2, 0x08, 1]);
 }
 
+/// Definitions added since the March 2024 master (v1.13.0-rc1): GetSnapshot,
+/// the volume health RPCs and their capabilities. A renumbering fails here.
+#[test]
+fn spec_1_13_numbers() {
+    use controller_service_capability::rpc::Type as CtrlRpc;
+    use node_service_capability::rpc::Type as NodeRpc;
+
+    // GetSnapshotRequest: snapshot_id = 1, secrets = 2.
+    let g = GetSnapshotRequest {
+        snapshot_id: "s".into(),
+        secrets: HashMap::from([("k".into(), "v".into())]),
+    };
+    let b = g.encode_to_vec();
+    assert_eq!(&b[..3], &[ld(1), 1, b's']);
+    assert_eq!(b[3], ld(2));
+    assert_eq!(GetSnapshotRequest::decode(&b[..]).unwrap(), g);
+    // GetSnapshotResponse: snapshot = 1; Snapshot.group_snapshot_id = 6.
+    let r = GetSnapshotResponse {
+        snapshot: Some(Snapshot {
+            group_snapshot_id: "g".into(),
+            ..Default::default()
+        }),
+    };
+    assert_eq!(r.encode_to_vec(), vec![ld(1), 3, ld(6), 1, b'g']);
+
+    // Controller capabilities GET_SNAPSHOT = 15, LIST_VOLUME_HEALTH = 16,
+    // GET_VOLUME_HEALTH = 17, through ControllerServiceCapability.rpc = 1,
+    // RPC.type = 1.
+    for (t, n) in [
+        (CtrlRpc::ModifyVolume, 14),
+        (CtrlRpc::GetSnapshot, 15),
+        (CtrlRpc::ListVolumeHealth, 16),
+        (CtrlRpc::GetVolumeHealth, 17),
+    ] {
+        let c = ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(
+                controller_service_capability::Rpc { r#type: t as i32 },
+            )),
+        };
+        assert_eq!(c.encode_to_vec(), vec![ld(1), 2, 0x08, n], "{t:?}");
+    }
+    // Node capabilities GET_VOLUME_HEALTH = 7, STORAGE_HEALTH = 8.
+    for (t, n) in [
+        (NodeRpc::VolumeMountGroup, 6),
+        (NodeRpc::GetVolumeHealth, 7),
+        (NodeRpc::StorageHealth, 8),
+    ] {
+        let c = NodeServiceCapability {
+            r#type: Some(node_service_capability::Type::Rpc(
+                node_service_capability::Rpc { r#type: t as i32 },
+            )),
+        };
+        assert_eq!(c.encode_to_vec(), vec![ld(1), 2, 0x08, n], "{t:?}");
+    }
+
+    // ControllerListVolumeHealthRequest: max_entries = 1, starting_token = 2,
+    // secrets = 3.
+    let l = ControllerListVolumeHealthRequest {
+        max_entries: 2,
+        starting_token: "t".into(),
+        secrets: HashMap::from([("k".into(), "v".into())]),
+    };
+    assert_eq!(fields(&l.encode_to_vec()), vec![(1, 0), (2, 2), (3, 2)]);
+    // VolumeHealth: volume_id = 1, health_statuses = 2; an entry's
+    // status = 1 (DEGRADED = 3), reason = 2, message = 3.
+    let h = VolumeHealth {
+        volume_id: "v".into(),
+        health_statuses: vec![volume_health::VolumeHealthEntry {
+            status: VolumeHealthErrorType::Degraded as i32,
+            reason: "r".into(),
+            message: "m".into(),
+        }],
+    };
+    assert_eq!(
+        h.encode_to_vec(),
+        vec![
+            ld(1),
+            1,
+            b'v',
+            ld(2),
+            8,
+            0x08,
+            3,
+            ld(2),
+            1,
+            b'r',
+            ld(3),
+            1,
+            b'm'
+        ]
+    );
+    assert_eq!(VolumeHealthErrorType::DataLoss as i32, 2);
+    // ControllerGetVolumeHealthResponse / NodeGetVolumeHealthResponse:
+    // volume_health = 1.
+    let c = ControllerGetVolumeHealthResponse {
+        volume_health: Some(VolumeHealth::default()),
+    };
+    assert_eq!(c.encode_to_vec(), vec![ld(1), 0]);
+    // NodeGetVolumeHealthRequest: volume_publish_path = 2,
+    // staging_target_path = 3.
+    let n = NodeGetVolumeHealthRequest {
+        volume_id: "v".into(),
+        volume_publish_path: "/p".into(),
+        staging_target_path: "/s".into(),
+    };
+    assert_eq!(fields(&n.encode_to_vec()), vec![(1, 2), (2, 2), (3, 2)]);
+    assert_eq!(&n.encode_to_vec()[3..7], &[ld(2), 2, b'/', b'p']);
+    // NodeGetStorageHealthResponse: backend_health = 1; a backend's
+    // status = 1 (STORAGE_DEGRADED = 2), volume_capability = 4.
+    let s = NodeGetStorageHealthResponse {
+        backend_health: vec![node_get_storage_health_response::StorageBackendHealth {
+            status: StorageHealthErrorType::StorageDegraded as i32,
+            volume_capability: Some(VolumeCapability::default()),
+            ..Default::default()
+        }],
+    };
+    assert_eq!(s.encode_to_vec(), vec![ld(1), 4, 0x08, 2, ld(4), 0]);
+    assert_eq!(StorageHealthErrorType::StorageUnreachable as i32, 1);
+}
+
 #[test]
 fn grpc_paths() {
     assert_eq!(
@@ -188,4 +314,8 @@ fn grpc_paths() {
     );
     assert_eq!(csi::pb::identity_server::SERVICE_NAME, "csi.v1.Identity");
     assert_eq!(csi::pb::node_server::SERVICE_NAME, "csi.v1.Node");
+    assert_eq!(
+        csi::metrics::method_of("/csi.v1.Controller/GetSnapshot"),
+        "GetSnapshot"
+    );
 }

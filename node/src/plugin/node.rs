@@ -1263,6 +1263,24 @@ impl Node for NodeService {
         ok(traced("NodeGetVolumeStats", &id, self.stats(r)).await)
     }
 
+    async fn node_get_volume_health(
+        &self,
+        _: Request<NodeGetVolumeHealthRequest>,
+    ) -> Result<Response<NodeGetVolumeHealthResponse>, Status> {
+        Err(Status::unimplemented(
+            "volume health is not supported (no GET_VOLUME_HEALTH capability)",
+        ))
+    }
+
+    async fn node_get_storage_health(
+        &self,
+        _: Request<NodeGetStorageHealthRequest>,
+    ) -> Result<Response<NodeGetStorageHealthResponse>, Status> {
+        Err(Status::unimplemented(
+            "storage health is not supported (no STORAGE_HEALTH capability)",
+        ))
+    }
+
     async fn node_expand_volume(
         &self,
         req: Request<NodeExpandVolumeRequest>,
