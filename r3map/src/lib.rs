@@ -34,6 +34,7 @@ pub mod managed;
 pub mod migration;
 pub mod nbd;
 pub mod net;
+mod read_stream;
 pub mod relay;
 pub mod remote;
 pub mod size;

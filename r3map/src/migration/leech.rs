@@ -367,7 +367,7 @@ impl Leech {
                 .await
                 .map_err(leech_err)?,
         );
-        let seed = SeedClient::connect(pb::seed_client::SeedClient::new(ch), cfg.patience)
+        let seed = SeedClient::connect(ch, cfg.patience)
             .await
             .map_err(Error::from)?;
         let (size, chunk) = (seed.size(), seed.chunk_size());

@@ -211,7 +211,7 @@ impl Puller {
             Some(c) => self.managed.chunk_len(c.chunk()) as usize,
             None => return Ok(()),
         };
-        while let Some(piece) = s.message().await? {
+        while let Some(piece) = s.next().await.map_err(Status::from)? {
             let mut data: Bytes = piece.data;
             while !data.is_empty() {
                 let Some(claim) = left.front() else {

@@ -126,16 +126,31 @@ impl seed_server::Seed for SeedService {
         tokio::spawn(async move {
             let mut pos = offset;
             let end = offset + length;
+            let lends = region.lends_pieces();
             while pos < end {
                 let n = (end - pos).min(PIECE);
-                let mut buf = vec![0u8; n as usize];
-                let r = region.read_at(pos, &mut buf).await;
-                let item = r
-                    .map(|()| pb::ReadReply { data: buf.into() })
-                    .map_err(status);
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    return;
+                // A backend holding its bytes in RAM lends them: no buffer to
+                // zero and fill (one copy less per byte at the source).
+                let r = if lends {
+                    region.read_pieces(pos, n).await
+                } else {
+                    let mut buf = vec![0u8; n as usize];
+                    region
+                        .read_at(pos, &mut buf)
+                        .await
+                        .map(|()| vec![buf.into()])
+                };
+                let pieces = match r {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(status(e))).await;
+                        return;
+                    }
+                };
+                for data in pieces {
+                    if tx.send(Ok(pb::ReadReply { data })).await.is_err() {
+                        return;
+                    }
                 }
                 pos += n;
             }
@@ -300,6 +315,8 @@ pub type Client = pb::seed_client::SeedClient<crate::net::AuthedChannel>;
 /// meantime) and every later read fails at once.
 pub struct SeedClient {
     client: Client,
+    /// The client's connection, for `Read` decoded by hand (`read_stream`).
+    chan: crate::net::AuthedChannel,
     size: u64,
     chunk: u64,
     patience: Duration,
@@ -309,13 +326,18 @@ pub struct SeedClient {
 
 impl SeedClient {
     /// Asks the seed for its geometry.
-    pub async fn connect(mut client: Client, patience: Duration) -> Result<Self, Status> {
+    pub async fn connect(
+        chan: crate::net::AuthedChannel,
+        patience: Duration,
+    ) -> Result<Self, Status> {
+        let mut client = pb::seed_client::SeedClient::new(chan.clone());
         let info = client.info(pb::InfoRequest {}).await?.into_inner();
         if info.chunk_size == 0 {
             return Err(Status::internal("seed reports a chunk size of 0"));
         }
         Ok(SeedClient {
             client,
+            chan,
             size: info.size,
             chunk: info.chunk_size,
             patience,
@@ -361,18 +383,23 @@ impl SeedClient {
     /// One `Read` call of `length` bytes at `offset` (at most [`MAX_READ`]):
     /// the stream of its pieces, in order, for a caller that installs them
     /// as they come (and retries on its own).
-    pub async fn open_read(
+    pub(crate) async fn open_read(
         &self,
         offset: u64,
         length: u64,
-    ) -> Result<tonic::Streaming<pb::ReadReply>, Status> {
+    ) -> Result<crate::read_stream::ReadStream<pb::ReadReply>, Status> {
         if self.is_lost() {
             return Err(Status::unavailable("migration seed lost"));
         }
-        let mut c = self.client.clone();
-        Ok(c.read(pb::ReadRequest { offset, length })
-            .await?
-            .into_inner())
+        // Decoded from the received frames without tonic's copy of them.
+        crate::read_stream::ReadStream::start(
+            &self.chan,
+            "/r3map.migration.v1.Seed/Read",
+            pb::ReadRequest { offset, length },
+            2 * PIECE as usize + 64,
+        )
+        .await
+        .map_err(Status::from)
     }
 
     async fn read_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {

@@ -329,6 +329,16 @@ impl Backend for Tracked {
         self.inner.read_at(offset, buf).await
     }
 
+    // Reads need no tracking: a lent piece is the bytes as of the read,
+    // and a later write to them is recorded like any other.
+    async fn read_pieces(&self, offset: u64, len: u64) -> Result<Vec<bytes::Bytes>> {
+        self.inner.read_pieces(offset, len).await
+    }
+
+    fn lends_pieces(&self) -> bool {
+        self.inner.lends_pieces()
+    }
+
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         let _g = self.gate.read().await;
         self.check_open(offset, data.len() as u64)?;
@@ -391,6 +401,27 @@ mod tests {
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![3, 63, 64, 65, 199]);
         assert_eq!(s.ranges(), vec![(3, 1), (63, 3), (199, 1)]);
         assert!(s.contains(64) && !s.contains(66) && !s.contains(500));
+    }
+
+    /// The seed's `Read` sends what a RAM backend lends (no buffer to fill):
+    /// the wrapper must pass the lending on, and a write after a lend is
+    /// still recorded.
+    #[tokio::test]
+    async fn lends_the_inner_backends_pieces_and_still_tracks() {
+        let t = Tracked::new(Arc::new(Memory::new(4 * 4096, 4096)), 4096);
+        t.write_at(4096, &[7; 4096]).await.unwrap();
+        assert!(t.lends_pieces());
+        t.track().await;
+        let p = t.read_pieces(4096, 4096).await.unwrap();
+        t.write_at(4096, &[8; 10]).await.unwrap();
+        let got: Vec<u8> = p.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(
+            got,
+            vec![7; 4096],
+            "a lent piece keeps the bytes as of the read"
+        );
+        let set = t.finalize(0).await.unwrap();
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![1]);
     }
 
     #[tokio::test]

@@ -14,7 +14,10 @@ use tonic::{Code, Status};
 
 use super::pb::region_store_client::RegionStoreClient;
 use super::pb::*;
-use super::stream::ReadStream;
+use crate::read_stream::ReadStream;
+
+/// The region service's streamed read, called by hand (see `read_stream`).
+const READ_PATH: &str = "/r3map.remote.v1.RegionStore/Read";
 use crate::auth::{AuthError, ClientTls, Token};
 use crate::backend::{check_range, Backend, Error, Result};
 use crate::net::{self, Keepalive, NetError};
@@ -400,7 +403,8 @@ impl RemoteBackend {
             offset,
             length: len,
         };
-        let mut stream = ReadStream::start(&self.chan, req, MAX_MESSAGE).await?;
+        let mut stream: ReadStream<super::pb::ReadChunk> =
+            ReadStream::start(&self.chan, READ_PATH, req, MAX_MESSAGE).await?;
         let mut pos = 0u64;
         while let Some(piece) = stream.next().await? {
             // Pieces come in order and tile the range exactly; anything

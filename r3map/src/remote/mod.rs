@@ -8,7 +8,6 @@ pub mod cli;
 pub mod client;
 pub mod service;
 pub mod store;
-mod stream;
 
 /// Generated from proto/remote.proto (documented there).
 #[allow(missing_docs)]

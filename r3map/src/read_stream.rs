@@ -1,4 +1,6 @@
-//! The streamed `Read` call of a region, decoded without copying.
+//! A server-streaming gRPC call whose messages carry bulk bytes (the
+//! region service's `Read`, the migration seed's `Read`), decoded without
+//! copying.
 //!
 //! tonic's response stream appends every received HTTP/2 DATA frame to
 //! one buffer and decodes messages out of it: each byte read is copied once
@@ -27,10 +29,8 @@ use tonic::{Code, Status};
 use crate::{Error, Result};
 use tower::Service;
 
-use super::pb::{ReadChunk, ReadRequest};
 use crate::net::AuthedChannel;
 
-const PATH: &str = "/r3map.remote.v1.RegionStore/Read";
 /// The gRPC message prefix: a compression flag and a big-endian length.
 const PREFIX: usize = 5;
 
@@ -47,28 +47,31 @@ enum State {
 }
 
 /// gRPC messages out of a sequence of DATA frames.
-struct Decoder {
+struct Decoder<M> {
     /// The unread rest of the last frame.
     buf: Bytes,
     state: State,
     max_message: usize,
+    _m: std::marker::PhantomData<fn() -> M>,
 }
 
 /// A streamed read in progress: [`ReadStream::next`] yields its pieces.
-pub(super) struct ReadStream {
+pub(crate) struct ReadStream<M> {
     body: tonic::body::BoxBody,
-    dec: Decoder,
+    dec: Decoder<M>,
     done: bool,
 }
 
-impl ReadStream {
-    /// Starts the call; fails with the call's status if the server refused
-    /// it before sending any piece.
+impl<M: Message + Default> ReadStream<M> {
+    /// Starts the call of `path` (`/PACKAGE.SERVICE/METHOD`) with `req`;
+    /// fails with the call's status if the server refused it before
+    /// sending any message.
     pub async fn start(
         ch: &AuthedChannel,
-        req: ReadRequest,
+        path: &'static str,
+        req: impl Message,
         max_message: usize,
-    ) -> Result<ReadStream> {
+    ) -> Result<ReadStream<M>> {
         let msg = req.encode_to_vec();
         let mut framed = BytesMut::with_capacity(PREFIX + msg.len());
         framed.put_u8(0);
@@ -77,7 +80,7 @@ impl ReadStream {
         let body = tonic::body::boxed(http_body_util::Full::new(framed.freeze()));
         let req = http::Request::builder()
             .method(http::Method::POST)
-            .uri(PATH)
+            .uri(path)
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
             .body(body)
@@ -110,7 +113,7 @@ impl ReadStream {
     }
 
     /// The next piece, `None` once the server ended the call successfully.
-    pub async fn next(&mut self) -> Result<Option<ReadChunk>> {
+    pub async fn next(&mut self) -> Result<Option<M>> {
         loop {
             if let Some(m) = self.dec.decode()? {
                 return Ok(Some(m));
@@ -149,8 +152,8 @@ impl ReadStream {
     }
 }
 
-impl Decoder {
-    fn new(max_message: usize) -> Decoder {
+impl<M: Message + Default> Decoder<M> {
+    fn new(max_message: usize) -> Decoder<M> {
         Decoder {
             buf: Bytes::new(),
             state: State::Prefix {
@@ -158,6 +161,7 @@ impl Decoder {
                 n: 0,
             },
             max_message,
+            _m: std::marker::PhantomData,
         }
     }
 
@@ -167,7 +171,7 @@ impl Decoder {
 
     /// Decodes one message out of `buf` if it completes one; otherwise
     /// keeps what `buf` held and returns `None` with `buf` empty.
-    fn decode(&mut self) -> Result<Option<ReadChunk>> {
+    fn decode(&mut self) -> Result<Option<M>> {
         loop {
             match &mut self.state {
                 State::Prefix { have, n } => {
@@ -214,16 +218,17 @@ impl Decoder {
                         have: [0; PREFIX],
                         n: 0,
                     };
-                    return decode_chunk(msg).map(Some);
+                    return decode_message(msg).map(Some);
                 }
             }
         }
     }
 }
 
-/// Decodes a piece; its `data` is a slice of `msg`, not a copy.
-fn decode_chunk(msg: Bytes) -> Result<ReadChunk> {
-    ReadChunk::decode(msg).map_err(|e| invalid(format!("bad read piece: {e}")))
+/// Decodes a message; its `bytes` fields are slices of `msg`, not copies
+/// (the generated types use `Bytes` for them).
+fn decode_message<M: Message + Default>(msg: Bytes) -> Result<M> {
+    M::decode(msg).map_err(|e| invalid(format!("bad read piece: {e}")))
 }
 
 /// A server that breaks the protocol: nothing to retry, nothing to trust.
@@ -246,6 +251,7 @@ fn http_code(s: http::StatusCode) -> Code {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::remote::pb::ReadChunk;
 
     fn framed(pieces: &[ReadChunk]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -258,7 +264,7 @@ mod tests {
         out
     }
 
-    fn drain(d: &mut Decoder, got: &mut Vec<ReadChunk>) {
+    fn drain(d: &mut Decoder<ReadChunk>, got: &mut Vec<ReadChunk>) {
         while let Some(m) = d.decode().unwrap() {
             got.push(m);
         }
@@ -276,7 +282,7 @@ mod tests {
         let all = framed(&pieces);
         // Every frame size from 1 byte to the whole stream.
         for size in 1..=all.len() {
-            let mut d = Decoder::new(1 << 20);
+            let mut d = Decoder::<ReadChunk>::new(1 << 20);
             let mut got = Vec::new();
             for f in all.chunks(size) {
                 d.buf = Bytes::copy_from_slice(f);
@@ -294,7 +300,7 @@ mod tests {
             data: Bytes::from(vec![9u8; 4096]),
         };
         let frame = Bytes::from(framed(&[p.clone(), p.clone()]));
-        let mut d = Decoder::new(1 << 20);
+        let mut d = Decoder::<ReadChunk>::new(1 << 20);
         d.buf = frame.clone();
         let mut got = Vec::new();
         drain(&mut d, &mut got);
@@ -310,11 +316,11 @@ mod tests {
 
     #[test]
     fn refuses_compressed_and_oversized_messages() {
-        let mut d = Decoder::new(10);
+        let mut d = Decoder::<ReadChunk>::new(10);
         d.buf = Bytes::from_static(&[1, 0, 0, 0, 1, 0]);
         let e = d.decode().unwrap_err().to_string();
         assert!(e.contains("compressed"), "{e}");
-        let mut d = Decoder::new(10);
+        let mut d = Decoder::<ReadChunk>::new(10);
         d.buf = Bytes::from_static(&[0, 0, 0, 0, 11]);
         let e = d.decode().unwrap_err().to_string();
         assert!(e.contains("over the limit"), "{e}");
