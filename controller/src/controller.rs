@@ -409,7 +409,8 @@ impl ControllerService {
         let mut finalized_here = None;
         let epoch = match (migrate::unpublish_step(&rec, &node), &self.peers) {
             (UnpublishStep::Finalize { target }, Some(p)) => {
-                Some(self.finalize_on(p, &target, &id).await?)
+                let source = rec.migration.as_ref().map(|m| m.source.clone());
+                Some(self.finalize_on(p, &target, source.as_deref(), &id).await?)
             }
             (UnpublishStep::Finalize { target }, None) => {
                 return Err(CsiError::FailedPrecondition(format!(
@@ -417,26 +418,26 @@ impl ControllerService {
                      cannot reach nodes to finalize (--node-endpoint, --node-migration-port)"
                 )))
             }
-            (UnpublishStep::RollBack { source }, Some(p)) => {
+            (UnpublishStep::RollBack { source, target }, Some(p)) => {
                 // Normally the target's NodeUnstage gave its pull up
                 // already; if it cannot be asked, the source stops
                 // tracking for it.
-                match p.abort(&node, &id).await {
+                match p.abort(&target, &id).await {
                     Ok(()) => None,
                     Err(e) if e.code() == Code::FailedPrecondition => {
                         // Finalized already, by an unpublish of the source
                         // whose record write was lost: the region lives
                         // on the target now, so this is no roll-back.
-                        let st = p.status(&node, &id).await?;
+                        let st = p.status(&target, &id).await?;
                         if !st.finalized {
                             return Err(e);
                         }
-                        tracing::warn!(volume = %id, target = %node, epoch = st.epoch, "the target was finalized already; recording that, not a roll-back");
-                        finalized_here = Some(st.epoch);
+                        tracing::warn!(volume = %id, %target, epoch = st.epoch, "the target was finalized already; recording that, not a roll-back");
+                        finalized_here = Some((target.clone(), st.epoch));
                         None
                     }
                     Err(e) => {
-                        tracing::warn!(volume = %id, target = %node, "abort on the target: {e}");
+                        tracing::warn!(volume = %id, %target, "abort on the target: {e}");
                         if let Err(e) = p.abort(&source, &id).await {
                             tracing::warn!(volume = %id, %source, "abort on the source: {e}");
                         }
@@ -448,9 +449,9 @@ impl ControllerService {
         };
         self.records
             .update(&id, &|cur| {
-                cur.map(|c| match finalized_here {
-                    Some(e) => {
-                        migrate::on_unpublish(&migrate::on_finalized(c, &node, e), &node, None)
+                cur.map(|c| match &finalized_here {
+                    Some((target, e)) => {
+                        migrate::on_unpublish(&migrate::on_finalized(c, target, *e), &node, None)
                     }
                     None => migrate::on_unpublish(c, &node, epoch),
                 })
@@ -464,8 +465,17 @@ impl ControllerService {
     /// that the source does not (the source node died) is finalized
     /// without it: every chunk then comes from the region service, which
     /// holds every write the source flushed, and fencing keeps the dead
-    /// node's late writes out.
-    async fn finalize_on(&self, p: &Peers, target: &str, id: &str) -> CsiResult<u64> {
+    /// node's late writes out. But only when this controller cannot reach
+    /// the source either: a source that answers us is alive behind a
+    /// partition between the two nodes, and finalizing without it would
+    /// drop the writes it has not pushed yet; the attacher retries instead.
+    async fn finalize_on(
+        &self,
+        p: &Peers,
+        target: &str,
+        source: Option<&str>,
+        id: &str,
+    ) -> CsiResult<u64> {
         match p.finalize(target, id, false).await {
             Ok(r) => Ok(r.epoch),
             Err(e) if e.code() == Code::Unavailable => {
@@ -475,6 +485,15 @@ impl ControllerService {
                     return Err(CsiError::Unavailable(format!(
                         "finalizing the migration of {id} on node {target}: {e2}"
                     )));
+                }
+                if let Some(src) = source {
+                    if p.status(src, id).await.is_ok() {
+                        return Err(CsiError::Unavailable(format!(
+                            "finalizing the migration of {id}: node {target} cannot reach the source \
+                             node {src}, but this controller can (a partition between the nodes); \
+                             finalizing without the source would lose its unpushed writes, so not yet: {e}"
+                        )));
+                    }
                 }
                 tracing::warn!(volume = %id, %target, "the source does not answer ({e}); finalizing from the region service");
                 Ok(p.finalize(target, id, true).await?.epoch)

@@ -284,10 +284,13 @@ pub enum UnpublishStep {
         /// The target.
         target: String,
     },
-    /// The target of a live migration leaves before finalize: roll back.
+    /// The target of a live migration leaves before finalize (or every
+    /// node is unpublished at once): roll back.
     RollBack {
-        /// The source, which serves on.
+        /// The source, which keeps the region.
         source: String,
+        /// The target, whose pull is given up.
+        target: String,
     },
 }
 
@@ -299,9 +302,12 @@ pub fn unpublish_step(rec: &VolumeRecord, node: &str) -> UnpublishStep {
                 target: m.target.clone(),
             }
         }
-        Some(m) if m.phase == MigrationPhase::PreCopy && m.target == node => {
+        // Every node at once (an empty node id): the live migration cannot
+        // finish, and the target's pull must end too.
+        Some(m) if m.phase == MigrationPhase::PreCopy && (m.target == node || node.is_empty()) => {
             UnpublishStep::RollBack {
                 source: m.source.clone(),
+                target: m.target.clone(),
             }
         }
         _ => UnpublishStep::Plain,
@@ -343,22 +349,11 @@ pub fn on_unpublish(cur: &VolumeRecord, node: &str, epoch: Option<u64>) -> Volum
                 m.epoch = epoch.unwrap_or(m.epoch);
             }
         }
-        UnpublishStep::RollBack { source } => {
+        UnpublishStep::RollBack { source, .. } => {
             next.owner = Some(source);
             next.migration = None;
         }
-        UnpublishStep::Plain => {
-            if node.is_empty() {
-                // Every node gone at once: a live migration cannot finish.
-                if next
-                    .migration
-                    .as_ref()
-                    .is_some_and(|m| m.phase == MigrationPhase::PreCopy)
-                {
-                    next.migration = None;
-                }
-            }
-        }
+        UnpublishStep::Plain => {}
     }
     next
 }
@@ -481,7 +476,18 @@ mod tests {
         // The target leaves first instead: roll back.
         assert_eq!(
             unpublish_step(&ab, "b"),
-            UnpublishStep::RollBack { source: "a".into() }
+            UnpublishStep::RollBack {
+                source: "a".into(),
+                target: "b".into()
+            }
+        );
+        // Every node at once: a roll-back too (the target's pull ends).
+        assert_eq!(
+            unpublish_step(&ab, ""),
+            UnpublishStep::RollBack {
+                source: "a".into(),
+                target: "b".into()
+            }
         );
         let back = on_unpublish(&ab, "b", None);
         assert_eq!(back.owner.as_deref(), Some("a"));

@@ -427,6 +427,22 @@ async fn unpublishing_the_target_first_rolls_back() {
 }
 
 #[tokio::test]
+async fn unpublishing_every_node_at_once_rolls_back_and_ends_the_pull() {
+    let env = Env::start(&[A, B]).await;
+    let id = live_migration(&env, "pvc-all-nodes", 5).await;
+    // An empty node id: the volume leaves every node. The target's pull
+    // must end (Abort), or it goes on tracking at the source.
+    env.unpublish(&id, "").await.unwrap();
+    assert_eq!(env.world.calls_to(B), ["Abort"]);
+    let st = env.status(&id);
+    assert_eq!(st.migration_target, None);
+    assert_eq!(env.attached(&id), Vec::<String>::new());
+    assert_eq!(env.world.held(A, &id).unwrap().tracking, None);
+    assert_eq!(env.world.epoch(&id), 1, "a roll-back moves no epoch");
+    env.assert_never_two_writers();
+}
+
+#[tokio::test]
 async fn a_moved_rwo_pod_is_a_hand_over_from_the_node_that_kept_the_region() {
     let env = Env::start(&[A, B]).await;
     let id = env.create("pvc-rwo", SNW).await;
@@ -567,6 +583,33 @@ async fn a_source_that_dies_mid_migration_is_finalized_from_the_region_service()
         phase_of(&env.status(&id)),
         (MigrationPhase::Complete, Some(B))
     );
+    env.assert_never_two_writers();
+}
+
+#[tokio::test]
+async fn a_partition_between_source_and_target_is_no_reason_to_drop_the_source() {
+    let mut env = Env::start(&[A, B]).await;
+    let id = live_migration(&env, "pvc-partition", 30).await;
+    env.world.unstage(A, &id);
+    // B cannot reach A, but the controller reaches both: A is alive and may
+    // hold writes it has not pushed, so no finalize without it.
+    env.world.partition(A, B);
+    let e = env.unpublish(&id, A).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert_eq!(
+        env.world.calls_to(B),
+        ["Finalize"],
+        "no Finalize(seed_lost)"
+    );
+    assert_eq!(env.world.writers(&id), [A]);
+    // A dies for real: the attacher's retry finalizes from the region service.
+    env.nodes.get_mut(A).unwrap().stop();
+    env.unpublish(&id, A).await.unwrap();
+    assert_eq!(
+        env.world.calls_to(B),
+        ["Finalize", "Finalize", "Finalize(seed_lost)"]
+    );
+    assert_eq!(env.world.writers(&id), [B]);
     env.assert_never_two_writers();
 }
 

@@ -118,6 +118,9 @@ pub struct WorldState {
     nodes: BTreeMap<String, NodeState>,
     calls: Vec<Call>,
     violations: Vec<String>,
+    /// Node pairs that cannot reach each other (the controller reaches
+    /// both).
+    partitions: Vec<(String, String)>,
 }
 
 fn unavailable(what: String) -> Status {
@@ -348,7 +351,11 @@ impl WorldState {
             )));
         }
         if !seed_lost {
-            if !self.can_serve(&p.source, id) {
+            let cut = self
+                .partitions
+                .iter()
+                .any(|(a, b)| (a == node && *b == p.source) || (b == node && *a == p.source));
+            if cut || !self.can_serve(&p.source, id) {
                 return Err(unavailable(format!(
                     "finalizing {id}: the source node {} does not answer",
                     p.source
@@ -472,6 +479,16 @@ impl World {
         let out = f(&mut w);
         w.check(what);
         out
+    }
+
+    /// Cuts the network between nodes `a` and `b` (each still answers
+    /// the controller).
+    pub fn partition(&self, a: &str, b: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .partitions
+            .push((a.to_string(), b.to_string()));
     }
 
     /// kubelet's NodeStage of `id` on `node` with the controller's publish
