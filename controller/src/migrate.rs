@@ -406,6 +406,11 @@ pub async fn reconcile_once(records: &dyn Records, peers: &Peers) -> CsiResult<u
                 } else if let Some(mm) = v.migration.as_mut() {
                     mm.chunks_present = present;
                     mm.chunks_total = total;
+                    // A hand-over's target took the region over when it
+                    // staged (no Finalize call told us the epoch).
+                    if mm.phase == MigrationPhase::PostCopy && pulls && epoch > mm.epoch {
+                        mm.epoch = epoch;
+                    }
                 }
                 Some(v)
             })

@@ -467,11 +467,20 @@ async fn a_moved_rwo_pod_is_a_hand_over_from_the_node_that_kept_the_region() {
     env.world.stage(B, &id, &ctx).unwrap();
     assert_eq!(env.world.writers(&id), [B]);
     assert!(env.world.held(A, &id).unwrap().sealed);
+    // B took the region over at a new epoch when it staged; the record
+    // learns it from B's status.
+    env.world.pull(B, &id, 10);
+    env.reconcile().await;
+    assert_eq!(env.status(&id).epoch, env.world.epoch(&id));
+    assert!(env.world.epoch(&id) > 1);
     env.world.pull(B, &id, CHUNKS);
     reconcile_to_end(&env, 3).await;
+    let st = env.status(&id);
+    assert_eq!(phase_of(&st), (MigrationPhase::Complete, Some(B)));
     assert_eq!(
-        phase_of(&env.status(&id)),
-        (MigrationPhase::Complete, Some(B))
+        st.epoch,
+        env.world.epoch(&id),
+        "the epoch outlives the migration record"
     );
     assert_eq!(
         env.migration_events(),
