@@ -23,7 +23,7 @@ mod support;
 
 use support::{credentials, finding, pat, r3map_bin, require, root, Proc};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
