@@ -197,7 +197,9 @@ fn supervisor_replaces_cut_connections_of_a_two_connection_device() {
         t.elapsed().as_secs_f64(),
         console
             .lines()
-            .filter(|l| l.contains("R3MAP-GUEST: FINDING") || l.contains("R3MAP-GUEST: DMESG"))
+            .filter(|l| ["FINDING", "DMESG", "SLOW-PUBLISH"]
+                .iter()
+                .any(|k| l.contains(&format!("R3MAP-GUEST: {k}"))))
             .collect::<Vec<_>>()
             .join("\n")
     );
