@@ -172,7 +172,7 @@ finding "device=nbd$idx hw_queues=$nq served=$s kernel_held=$k"
 t0=$(up)
 call publish --volume-id $vol --staging-path $STG --target-path $TGT
 # The publish opens the device (BLKROSET), which runs the partition scan:
-# the first reads. In three of six runs one of them went unanswered until
+# the first reads. In three of seven runs one of them went unanswered until
 # the kernel's 30 s timer fired (docs/nbd-netlink.md, open); the plugin's
 # log and the kernel's messages when it happens.
 pub_s=$(dt $t0 $(up))
