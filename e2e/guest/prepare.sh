@@ -124,7 +124,7 @@ img=initramfs.gz
 for b in "${extra[@]}"; do [ -x "$b" ] || die "extra binary $b is missing"; done
 files=(${R3MAP_GUEST_EXTRA_FILES:-})
 for f in "${files[@]}"; do [ -f "$f" ] || die "extra file $f is missing"; done
-stamp_inputs=("$here/init" "$here/netlink.sh" "$here/csi.sh" "$here/demo.sh" "$here/prepare.sh" "$out/mmapcheck" "$deb" "$busybox" "$(command -v nbd-client)" "${extra[@]}" "${files[@]}")
+stamp_inputs=("$here/init" "$here/netlink.sh" "$here/csi.sh" "$here/multiconn.sh" "$here/demo.sh" "$here/prepare.sh" "$out/mmapcheck" "$deb" "$busybox" "$(command -v nbd-client)" "${extra[@]}" "${files[@]}")
 fresh=1
 [ -f "$out/$img" ] || fresh=0
 for f in "${stamp_inputs[@]}"; do
@@ -171,8 +171,9 @@ if [ "$fresh" = 0 ]; then
   cp "$here/init" "$root/init"
   cp "$here/netlink.sh" "$root/netlink.sh"
   cp "$here/csi.sh" "$root/csi.sh"
+  cp "$here/multiconn.sh" "$root/multiconn.sh"
   cp "$here/demo.sh" "$root/demo.sh"
-  chmod 755 "$root/init" "$root/netlink.sh" "$root/csi.sh" "$root/demo.sh"
+  chmod 755 "$root/init" "$root/netlink.sh" "$root/csi.sh" "$root/multiconn.sh" "$root/demo.sh"
   (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1 >"$out/$img.tmp")
   mv "$out/$img.tmp" "$out/$img"
 fi

@@ -21,10 +21,10 @@
 
 mod support;
 
-use support::{finding, require, root};
+use support::{credentials, finding, pat, r3map_bin, require, root, Proc};
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use r3map::auth::ClientTls;
@@ -43,76 +43,6 @@ const SIZE: u64 = 32 << 20;
 const OFF: u64 = 1 << 20;
 const PIECE: u64 = 256 << 10;
 const COUNT: u64 = 48;
-
-fn r3map_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("r3map");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --release --workspace` first",
-        p.display()
-    );
-    p
-}
-
-/// mmapcheck's generator (e2e/guest/mmapcheck.c).
-fn pat(off: u64, seed: u64) -> u8 {
-    let mut k = (off >> 3).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    k ^= k >> 33;
-    (k >> ((off & 7) * 8)) as u8
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A CA, a server certificate for the names the backend is reached by, and
-/// a token, written into `dir`.
-fn credentials(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, "r3map-csi e2e CA");
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = p.self_signed(&ca_key).unwrap();
-    let names = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "10.0.2.2".to_string(),
-    ];
-    let mut s = rcgen::CertificateParams::new(names).unwrap();
-    s.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = s.signed_by(&key, &ca, &ca_key).unwrap();
-    let paths = (
-        dir.join("ca.crt"),
-        dir.join("server.crt"),
-        dir.join("server.key"),
-        dir.join("token"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    let token: String = (0..32)
-        .map(|_| char::from(b'a' + (rand::random::<u8>() % 26)))
-        .collect();
-    std::fs::write(&paths.3, token).unwrap();
-    (paths.0, paths.1, paths.2, paths.3)
-}
 
 /// Builds (or reuses) the guest image with the plugin, the client and the
 /// credentials in it.

@@ -230,8 +230,9 @@ impl Listener {
     ) -> Result<(), tonic::transport::Error> {
         match self {
             Listener::Tcp(l) => {
-                let s = tokio_stream::wrappers::TcpListenerStream::new(l);
-                router.serve_with_incoming_shutdown(s, stop).await
+                router
+                    .serve_with_incoming_shutdown(tcp_incoming(l), stop)
+                    .await
             }
             Listener::Unix(l, _file) => {
                 let s = tokio_stream::wrappers::UnixListenerStream::new(l);
@@ -239,6 +240,17 @@ impl Listener {
             }
         }
     }
+}
+
+/// The accepted sockets of `l`, with Nagle's algorithm off. The server
+/// builder's `tcp_nodelay` applies only to listeners tonic binds itself;
+/// with Nagle on, a reply's last small write (the trailers) waits for the
+/// client's delayed ACK, 40 ms, which was the stage-latency p99
+/// (docs/benchmarks.md).
+pub fn tcp_incoming(l: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    // from_listener only stores its arguments.
+    tonic::transport::server::TcpIncoming::from_listener(l, true, None)
+        .expect("TcpIncoming::from_listener cannot fail")
 }
 
 /// A server builder with windows matching the client's, serving TLS when
@@ -287,6 +299,18 @@ mod tests {
         );
         assert!("x.sock".parse::<Endpoint>().is_err());
         assert!("host:notaport".parse::<Endpoint>().is_err());
+    }
+
+    /// Served sockets must have Nagle off (see [`tcp_incoming`]).
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay() {
+        use tokio_stream::StreamExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut inc = tcp_incoming(l);
+        let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let s = inc.next().await.unwrap().unwrap();
+        assert!(s.nodelay().unwrap(), "an accepted socket has Nagle on");
     }
 
     #[test]

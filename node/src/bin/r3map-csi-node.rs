@@ -76,6 +76,10 @@ struct Args {
     /// Testing only: hold each mutating call's volume guard this long
     #[arg(long, hide = true, default_value_t = 0)]
     test_hold_ms: u64,
+    /// Testing only: on SIGUSR1, end one kernel connection of every
+    /// attached volume (the guest test of the connection supervisor)
+    #[arg(long, hide = true)]
+    test_cut_on_usr1: bool,
 }
 
 #[tokio::main]
@@ -146,6 +150,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     node.spawn_housekeeping(stop_bg.clone());
+    if a.test_cut_on_usr1 {
+        let n = node.clone();
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                for line in n.cut_one_connection_each().await {
+                    // On stdout: the e2e guest greps it.
+                    println!("r3map-csi-node: {line}");
+                }
+            }
+        });
+    }
     // Counted whether or not they are exported: cheap, and one server type.
     let calls = csi::metrics::CallMetrics::default();
     if let Some(addr) = &a.metrics_address {

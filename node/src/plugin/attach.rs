@@ -2,11 +2,14 @@
 //! RECONFIGURE / DISCONNECT run on blocking threads (neli is synchronous),
 //! and the checks a re-attach must pass (docs/nbd-netlink.md).
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -195,11 +198,13 @@ pub async fn flush_device(index: u32, timeout: Duration) -> Result<(), CsiError>
 /// Keeps a device's connections served: when one ends while the volume is
 /// attached (the kernel marked it dead, e.g. its I/O timeout fired on a
 /// slow request, and shut it down), it makes a new socketpair and
-/// RECONFIGUREs the device with it, retrying every second. Cancelling
+/// RECONFIGUREs the device with it, retrying (100 ms, growing to 1 s). Cancelling
 /// `stop` ends the replacing (teardown, before DISCONNECT); the task then
 /// waits for the remaining connections to end.
 pub struct Supervisor {
     stop: CancellationToken,
+    cut: Arc<Notify>,
+    live: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -207,13 +212,42 @@ impl Supervisor {
     /// Supervises `conns` of device `index` of `vol`.
     pub fn start(vol: Arc<Volume>, index: u32, identifier: String, conns: Vec<KernelConn>) -> Self {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(supervise(vol, index, identifier, conns, stop.clone()));
-        Supervisor { stop, task }
+        let cut = Arc::new(Notify::new());
+        let live = Arc::new(AtomicUsize::new(conns.len()));
+        let task = tokio::spawn(supervise(
+            Supervised {
+                vol,
+                index,
+                identifier,
+                stop: stop.clone(),
+                cut: cut.clone(),
+                live: live.clone(),
+            },
+            conns,
+        ));
+        Supervisor {
+            stop,
+            cut,
+            live,
+            task,
+        }
     }
 
     /// Stops replacing connections (they go on serving).
     pub fn stop_replacing(&self) {
         self.stop.cancel();
+    }
+
+    /// Testing only: ends one served connection the way a dying server
+    /// would (our end closes; the kernel marks the connection dead), so
+    /// that the replacing can be watched against the real kernel.
+    pub fn cut_one(&self) {
+        self.cut.notify_one();
+    }
+
+    /// How many connections are being served right now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
     }
 
     /// Stops replacing and waits up to `wait` for every connection to end
@@ -242,41 +276,73 @@ async fn replace_one(vol: &Volume, index: u32, identifier: &str) -> Result<Kerne
     Ok(serve(vol, ours)?.remove(0))
 }
 
-async fn supervise(
+/// What the supervising task works with.
+struct Supervised {
     vol: Arc<Volume>,
     index: u32,
     identifier: String,
-    conns: Vec<KernelConn>,
     stop: CancellationToken,
-) {
+    cut: Arc<Notify>,
+    live: Arc<AtomicUsize>,
+}
+
+async fn supervise(s: Supervised, conns: Vec<KernelConn>) {
+    let index = s.index;
+    let want = conns.len();
     let mut set = JoinSet::new();
+    // Each connection's stop token by task, for the test hook's cut.
+    let mut stops = HashMap::new();
     for c in conns {
-        set.spawn(c);
+        let t = c.stop_token();
+        stops.insert(set.spawn(c).id(), t);
     }
     let mut missing = 0usize;
+    // Retry delay: short first, as the usual failure is a RECONFIGURE that
+    // came before the kernel marked the slot dead (it notices the closed
+    // socket asynchronously) and was dropped; up to 1 s while it persists.
+    let mut delay = Duration::from_millis(100);
     loop {
-        if missing > 0 && !stop.is_cancelled() {
-            match replace_one(&vol, index, &identifier).await {
+        s.live.store(set.len(), Ordering::Relaxed);
+        if missing > 0 && !s.stop.is_cancelled() {
+            match replace_one(&s.vol, index, &s.identifier).await {
                 Ok(c) => {
-                    tracing::info!(index, "replaced a dead connection of nbd{index}");
-                    set.spawn(c);
+                    let t = c.stop_token();
+                    stops.insert(set.spawn(c).id(), t);
                     missing -= 1;
+                    delay = Duration::from_millis(100);
+                    tracing::info!(
+                        index,
+                        "replaced a dead connection of nbd{index}: {} of {want} served",
+                        set.len()
+                    );
                     continue;
                 }
                 Err(e) => {
                     tracing::warn!(index, "replacing a connection of nbd{index}: {e}; retrying");
                     tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = s.stop.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
+                    delay = (delay * 2).min(Duration::from_secs(1));
                     continue;
                 }
             }
         }
         tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(r) = set.join_next() => {
-                if stop.is_cancelled() {
+            _ = s.stop.cancelled() => break,
+            _ = s.cut.notified() => {
+                // One not cut already (still ending): each cut ends one more.
+                if let Some(t) = stops.values().find(|t| !t.is_cancelled()) {
+                    tracing::warn!(index, "test hook: cutting a connection of nbd{index}");
+                    t.cancel();
+                }
+            }
+            Some(r) = set.join_next_with_id() => {
+                stops.remove(&match &r {
+                    Ok((id, _)) => *id,
+                    Err(e) => e.id(),
+                });
+                if s.stop.is_cancelled() {
                     break;
                 }
                 tracing::warn!(index, "a kernel connection of nbd{index} ended while attached ({r:?})");
@@ -285,6 +351,7 @@ async fn supervise(
             else => break,
         }
     }
+    s.live.store(0, Ordering::Relaxed);
     while set.join_next().await.is_some() {}
 }
 

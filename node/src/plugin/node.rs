@@ -1173,6 +1173,30 @@ impl NodeService {
         })
     }
 
+    // ------------------------------------------------------------- test hook
+
+    /// Testing only (`--test-cut-on-usr1`): ends one kernel connection of
+    /// every attached volume, as a dying server would, so that a guest test
+    /// can watch the supervisor replace it. Returns one line per volume.
+    pub async fn cut_one_connection_each(&self) -> Vec<String> {
+        let staged = self.staged.lock().await;
+        let mut lines: Vec<_> = staged
+            .iter()
+            .filter_map(|(id, s)| {
+                let sup = s.sup.as_ref()?;
+                let served = sup.live();
+                sup.cut_one();
+                Some(format!(
+                    "test hook: cut a connection of {id} nbd{} ({served} of {} served)",
+                    s.rec.device_index.unwrap_or(u32::MAX),
+                    s.rec.connections
+                ))
+            })
+            .collect();
+        lines.sort();
+        lines
+    }
+
     // --------------------------------------------------------------- metrics
 
     /// Every staged volume as of now, sorted by id, for `/metrics`

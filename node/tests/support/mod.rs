@@ -1,14 +1,15 @@
 // Each guest test uses a part of the harness.
 #![allow(dead_code)]
 
-//! The guest harness both guest tests share: the repository root, the
+//! The guest harness the guest tests share: the repository root, the
 //! tool check, booting e2e/guest/run.sh with a scenario and collecting its
-//! console under a deadline, and reading the FINDING markers.
+//! console under a deadline, reading the FINDING markers; the region
+//! service's credentials, its binary and the writers' byte pattern.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -101,4 +102,76 @@ pub fn finding<'a>(console: &'a str, key: &str) -> Option<&'a str> {
         .filter_map(|l| l.trim().strip_prefix("R3MAP-GUEST: FINDING "))
         .flat_map(|l| l.split(' '))
         .find_map(|kv| kv.strip_prefix(pat.as_str()))
+}
+
+/// The host's `r3map` binary (the region service), built beside the test.
+pub fn r3map_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join("r3map");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --release --workspace` first",
+        p.display()
+    );
+    p
+}
+
+/// mmapcheck's generator (e2e/guest/mmapcheck.c).
+pub fn pat(off: u64, seed: u64) -> u8 {
+    let mut k = (off >> 3).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    (k >> ((off & 7) * 8)) as u8
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A CA, a server certificate for the names the backend is reached by, and
+/// a token, written into `dir`.
+pub fn credentials(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "r3map-csi e2e CA");
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = p.self_signed(&ca_key).unwrap();
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "10.0.2.2".to_string(),
+    ];
+    let mut s = rcgen::CertificateParams::new(names).unwrap();
+    s.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = s.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+        dir.join("token"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    let token: String = (0..32)
+        .map(|_| char::from(b'a' + (rand::random::<u8>() % 26)))
+        .collect();
+    std::fs::write(&paths.3, token).unwrap();
+    (paths.0, paths.1, paths.2, paths.3)
 }

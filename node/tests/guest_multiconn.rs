@@ -1,0 +1,206 @@
+//! The node plugin's connection supervisor with two connections per device,
+//! against the real kernel NBD client.
+//!
+//! Boots the e2e qemu guest with `r3map_scenario=multiconn`
+//! (e2e/guest/multiconn.sh): the region service (`r3map backend`, TLS and a
+//! token) runs here on the host as in guest_csi.rs; in the guest
+//! `r3map-csi-node --connections 2 --test-cut-on-usr1` stages and publishes
+//! a volume, two mmap writers (one per CPU, so both connections carry
+//! requests) msync piece after piece while one connection is cut, then both,
+//! then the plugin is killed and restarted. After each, the guest checks
+//! that the kernel accepted one replacement socket per dead connection
+//! ("reconnected socket") and that the plugin serves two sockets again.
+//! Here the test asserts on the markers and checks every msync'd byte in
+//! the region. It never skips: without qemu or the kernel package it fails
+//! and says what is missing.
+
+mod support;
+
+use support::{finding, require, root};
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use r3map::auth::ClientTls;
+use r3map::backend::Backend;
+use r3map::remote::client::{Client, ConnectOptions};
+
+/// qemu's own timeout: three disruptions, each may stall a writer for the
+/// kernel's I/O timeout (NODE_IO_TIMEOUT, 30 s) under TCG.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The region: small, TCG is slow.
+const SIZE: u64 = 32 << 20;
+/// The pods' writes; mirrored in e2e/guest/multiconn.sh: pod K writes
+/// COUNT pieces of PIECE bytes from OFF + K * PIECE * COUNT with seed
+/// r3map_seed + 21 + K.
+const OFF: u64 = 1 << 20;
+const PIECE: u64 = 128 << 10;
+const COUNT: u64 = 100;
+
+/// Builds (or reuses) the guest image with the plugin, the client and the
+/// credentials in it.
+fn prepare(bins: &[&str], files: &[&Path]) {
+    let script = root().join("e2e/guest/prepare.sh");
+    let files: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("R3MAP_GUEST_EXTRA_BINS", bins.join(" "))
+        .env("R3MAP_GUEST_EXTRA_FILES", files.join(" "))
+        .env("R3MAP_GUEST_IMAGE", "initramfs-multiconn.gz")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}): this test needs the guest kernel and initramfs\nstdout: {}\nstderr: {}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn supervisor_replaces_cut_connections_of_a_two_connection_device() {
+    require("qemu-system-x86_64");
+    // Its own credentials and image: guest_csi may run at the same time.
+    let cache = root().join("e2e/.cache/multiconn");
+    std::fs::create_dir_all(&cache).unwrap();
+    let (ca, cert, key, token) = support::credentials(&cache);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let backend = Command::new(support::r3map_bin())
+        .args(["backend", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--store", "memory:", "--chunk-size", "256KiB"])
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .env("R3MAP_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn r3map backend");
+    let _backend = support::Proc(backend);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "r3map backend did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let opts = ConnectOptions {
+        addr: format!("127.0.0.1:{port}"),
+        token_file: Some(token.clone()),
+        tls: Some(ClientTls {
+            ca: ca.clone(),
+            cert: None,
+            key: None,
+            server_name: Some("localhost".into()),
+        }),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let vol = format!("mc-e2e-{:08x}", rand::random::<u32>());
+    let client = rt
+        .block_on(Client::connect(&opts))
+        .expect("connect to the backend");
+    rt.block_on(client.create_region(Some(&vol), SIZE))
+        .expect("create the region");
+
+    prepare(
+        &[
+            env!("CARGO_BIN_EXE_r3map-csi-node"),
+            env!("CARGO_BIN_EXE_r3map-csi-call"),
+        ],
+        &[&ca, &token],
+    );
+    let seed = u64::from(rand::random::<u32>() >> 2) + 1;
+    let t = Instant::now();
+    let (ok, console) = support::boot(
+        port,
+        seed,
+        GUEST_TIMEOUT,
+        "initramfs-multiconn.gz",
+        &format!("r3map_scenario=multiconn r3map_vol={vol}"),
+    );
+    let passed = console.lines().any(|l| l.trim() == "R3MAP-GUEST: PASS");
+    assert!(
+        ok && passed && !console.contains("R3MAP-GUEST: FAIL"),
+        "the guest did not pass (run.sh ok: {ok}); guest console:\n{console}"
+    );
+    // The script fails on each of these itself; the markers make a silent
+    // change of the script visible here.
+    for m in [
+        "with 2 connections",
+        "one connection cut and replaced",
+        "two connections cut and replaced",
+        &format!("reattached {vol}"),
+        "restart re-attached both connections",
+        "pods OK: no error, every piece reads back",
+        "unstaged",
+    ] {
+        assert!(
+            console.contains(m),
+            "marker {m:?} missing; console:\n{console}"
+        );
+    }
+    for k in ["one_cut", "two_cuts", "restart"] {
+        assert_eq!(finding(&console, &format!("{k}_served")), Some("2"), "{k}");
+        assert_eq!(
+            finding(&console, &format!("{k}_kernel_held")),
+            Some("2"),
+            "{k}"
+        );
+    }
+    assert_eq!(finding(&console, "hw_queues"), Some("2"));
+    // Both pods were still writing when the plugin died.
+    let killed =
+        finding(&console, "killed_plugin_after_pieces").expect("killed_plugin_after_pieces");
+    for n in killed.split(',') {
+        let n: u64 = n.parse().unwrap();
+        assert!(
+            n < COUNT,
+            "a pod had finished ({killed}) when the plugin was killed: the restart was not under load"
+        );
+    }
+    // A request in flight on a cut connection waits for the I/O timeout
+    // (30 s) and is resent; nothing may wait for the dead-connection
+    // timeout (120 s, then EIO).
+    let gaps = finding(&console, "pod_max_gap_s").expect("pod_max_gap_s");
+    for g in gaps.split(',') {
+        let g: f64 = g.parse().unwrap();
+        assert!(g < 90.0, "a pod stalled {g} s; console:\n{console}");
+    }
+
+    // Every byte the pods msync'd is in the region; the rest is zero.
+    let b = rt.block_on(client.backend(&vol)).unwrap();
+    let mut buf = vec![0u8; SIZE as usize];
+    rt.block_on(b.read_at(0, &mut buf)).unwrap();
+    let len = PIECE * COUNT;
+    for (i, &got) in buf.iter().enumerate() {
+        let off = i as u64;
+        let want = if (OFF..OFF + len).contains(&off) {
+            support::pat(off, seed + 21)
+        } else if (OFF + len..OFF + 2 * len).contains(&off) {
+            support::pat(off, seed + 22)
+        } else {
+            0
+        };
+        assert_eq!(got, want, "region byte {off}: got {got:#x}, want {want:#x}");
+    }
+    eprintln!(
+        "guest multiconn scenario passed in {:.1}s; findings:\n{}",
+        t.elapsed().as_secs_f64(),
+        console
+            .lines()
+            .filter(|l| ["FINDING", "DMESG", "SLOW-PUBLISH"]
+                .iter()
+                .any(|k| l.contains(&format!("R3MAP-GUEST: {k}"))))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
