@@ -11,6 +11,9 @@
 # (credentials for the csi scenario); R3MAP_GUEST_IMAGE names the image
 # (default initramfs-extra.gz), so that two scenarios with different extras
 # do not rebuild each other's image either.
+# R3MAP_GUEST_EXTRA_LIBS="PATH..." copies shared objects to the same path in
+# the guest, with the libraries ldd lists: plugins a binary dlopens (nbdkit's
+# memory plugin), which ldd of the binary does not show.
 # The kernel package is fetched with `apt-get download` and unpacked with
 # `dpkg -x`: nothing is installed system-wide. Prints the cache dir on success.
 set -euo pipefail
@@ -124,7 +127,10 @@ img=initramfs.gz
 for b in "${extra[@]}"; do [ -x "$b" ] || die "extra binary $b is missing"; done
 files=(${R3MAP_GUEST_EXTRA_FILES:-})
 for f in "${files[@]}"; do [ -f "$f" ] || die "extra file $f is missing"; done
-stamp_inputs=("$here/init" "$here/netlink.sh" "$here/csi.sh" "$here/multiconn.sh" "$here/demo.sh" "$here/prepare.sh" "$out/mmapcheck" "$deb" "$busybox" "$(command -v nbd-client)" "${extra[@]}" "${files[@]}")
+libs=(${R3MAP_GUEST_EXTRA_LIBS:-})
+for f in "${libs[@]}"; do [ -f "$f" ] || die "extra library $f is missing"; done
+scenarios=(netlink.sh csi.sh multiconn.sh demo.sh throughput.sh)
+stamp_inputs=("$here/init" "${scenarios[@]/#/$here/}" "$here/prepare.sh" "$out/mmapcheck" "$deb" "$busybox" "$(command -v nbd-client)" "${extra[@]}" "${files[@]}" "${libs[@]}")
 fresh=1
 [ -f "$out/$img" ] || fresh=0
 for f in "${stamp_inputs[@]}"; do
@@ -146,7 +152,11 @@ if [ "$fresh" = 0 ]; then
     strip -o "$root/bin/$(basename "$b")" "$b" 2>/dev/null || cp "$b" "$root/bin/"
   done
   # Shared libraries at the paths ldd resolved them to, plus the loader.
-  for lib in $(for b in "$nbdc" "${extra[@]}"; do ldd "$b"; done | grep -oE '/[^ ]+' | sort -u); do
+  for l in "${libs[@]}"; do
+    mkdir -p "$root$(dirname "$l")"
+    cp -L "$l" "$root$l"
+  done
+  for lib in $(for b in "$nbdc" "${extra[@]}" "${libs[@]}"; do ldd "$b"; done | grep -oE '/[^ ]+' | sort -u); do
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
   done
@@ -169,11 +179,11 @@ if [ "$fresh" = 0 ]; then
   mkdir -p "$root/etc/r3map"
   for f in "${files[@]}"; do cp "$f" "$root/etc/r3map/"; done
   cp "$here/init" "$root/init"
-  cp "$here/netlink.sh" "$root/netlink.sh"
-  cp "$here/csi.sh" "$root/csi.sh"
-  cp "$here/multiconn.sh" "$root/multiconn.sh"
-  cp "$here/demo.sh" "$root/demo.sh"
-  chmod 755 "$root/init" "$root/netlink.sh" "$root/csi.sh" "$root/multiconn.sh" "$root/demo.sh"
+  for s in "${scenarios[@]}"; do
+    cp "$here/$s" "$root/$s"
+    chmod 755 "$root/$s"
+  done
+  chmod 755 "$root/init"
   (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1 >"$out/$img.tmp")
   mv "$out/$img.tmp" "$out/$img"
 fi

@@ -157,16 +157,17 @@ fn supervisor_replaces_cut_connections_of_a_two_connection_device() {
         );
     }
     assert_eq!(finding(&console, "hw_queues"), Some("2"));
-    // Both pods were still writing when the plugin died.
+    // A pod was still writing when the plugin died (the restart was under
+    // load). Not both: one pod can finish early while the other waits out
+    // a 30 s I/O timeout on a cut connection (seen in a fresh-clone CI run:
+    // 100 and 33 pieces).
     let killed =
         finding(&console, "killed_plugin_after_pieces").expect("killed_plugin_after_pieces");
-    for n in killed.split(',') {
-        let n: u64 = n.parse().unwrap();
-        assert!(
-            n < COUNT,
-            "a pod had finished ({killed}) when the plugin was killed: the restart was not under load"
-        );
-    }
+    let pieces: Vec<u64> = killed.split(',').map(|n| n.parse().unwrap()).collect();
+    assert!(
+        pieces.iter().any(|&n| n < COUNT),
+        "every pod had finished ({killed}) when the plugin was killed: the restart was not under load"
+    );
     // A request in flight on a cut connection waits for the I/O timeout
     // (30 s) and is resent; nothing may wait for the dead-connection
     // timeout (120 s, then EIO).
