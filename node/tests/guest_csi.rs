@@ -21,15 +21,11 @@
 
 mod support;
 
-use support::{credentials, finding, pat, r3map_bin, require, root, Proc};
+use support::{credentials, finding, pat, prepare, require, root, RegionService};
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use r3map::auth::ClientTls;
-use r3map::backend::Backend;
-use r3map::remote::client::{Client, ConnectOptions};
+use std::time::{Duration, Instant};
 
 /// qemu's own timeout. Under TCG the scenario boots in ~10 s; the pause
 /// across the restart is up to NODE_IO_TIMEOUT (30 s) on top of the
@@ -43,28 +39,6 @@ const SIZE: u64 = 32 << 20;
 const OFF: u64 = 1 << 20;
 const PIECE: u64 = 256 << 10;
 const COUNT: u64 = 48;
-
-/// Builds (or reuses) the guest image with the plugin, the client and the
-/// credentials in it.
-fn prepare(bins: &[&str], files: &[&Path]) {
-    let script = root().join("e2e/guest/prepare.sh");
-    let files: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("R3MAP_GUEST_EXTRA_BINS", bins.join(" "))
-        .env("R3MAP_GUEST_EXTRA_FILES", files.join(" "))
-        .env("R3MAP_GUEST_IMAGE", "initramfs-csi.gz")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed ({}): this test needs the guest kernel and initramfs\nstdout: {}\nstderr: {}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Boots the guest with the csi scenario for volume `vol`.
 fn boot(port: u16, seed: u64, vol: &str) -> (bool, String) {
@@ -84,58 +58,21 @@ fn node_plugin_survives_a_restart_under_an_mmap_writer() {
     std::fs::create_dir_all(&cache).unwrap();
     let (ca, cert, key, token) = credentials(&cache);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let backend = Command::new(r3map_bin())
-        .args(["backend", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--store", "memory:", "--chunk-size", "256KiB"])
-        .arg("--token-file")
-        .arg(&token)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .env("R3MAP_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn r3map backend");
-    let _backend = Proc(backend);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "r3map backend did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let opts = ConnectOptions {
-        addr: format!("127.0.0.1:{port}"),
-        token_file: Some(token.clone()),
-        tls: Some(ClientTls {
-            ca: ca.clone(),
-            cert: None,
-            key: None,
-            server_name: Some("localhost".into()),
-        }),
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let vol = format!("csi-e2e-{:08x}", rand::random::<u32>());
-    let client = rt
-        .block_on(Client::connect(&opts))
-        .expect("connect to the backend");
-    rt.block_on(client.create_region(Some(&vol), SIZE))
-        .expect("create the region");
+    let svc = RegionService::start(&ca, &cert, &key, &token);
+    let vol = svc.create("csi", SIZE);
 
     prepare(
+        "initramfs-csi.gz",
         &[
-            env!("CARGO_BIN_EXE_r3map-csi-node"),
-            env!("CARGO_BIN_EXE_r3map-csi-call"),
+            Path::new(env!("CARGO_BIN_EXE_r3map-csi-node")),
+            Path::new(env!("CARGO_BIN_EXE_r3map-csi-call")),
         ],
+        &[],
         &[&ca, &token],
     );
     let seed = u64::from(rand::random::<u32>() >> 2) + 1;
     let t = Instant::now();
-    let (ok, console) = boot(port, seed, &vol);
+    let (ok, console) = boot(svc.port, seed, &vol);
     let passed = console.lines().any(|l| l.trim() == "R3MAP-GUEST: PASS");
     assert!(
         ok && passed && !console.contains("R3MAP-GUEST: FAIL"),
@@ -181,9 +118,7 @@ fn node_plugin_survives_a_restart_under_an_mmap_writer() {
     );
 
     // Every byte the pod msync'd is in the region; the rest is zero.
-    let b = rt.block_on(client.backend(&vol)).unwrap();
-    let mut buf = vec![0u8; SIZE as usize];
-    rt.block_on(b.read_at(0, &mut buf)).unwrap();
+    let buf = svc.read(&vol, SIZE);
     let want_seed = seed + 11;
     for (i, &got) in buf.iter().enumerate() {
         let off = i as u64;
@@ -196,7 +131,7 @@ fn node_plugin_survives_a_restart_under_an_mmap_writer() {
     }
     // The second node took the region over at stage: node-a fenced it at
     // epochs 1 and 2, node-b at 3.
-    let reg = rt.block_on(client.get_region(&vol)).unwrap();
+    let reg = svc.rt.block_on(svc.client.get_region(&vol)).unwrap();
     assert_eq!(reg.owner, "node-b", "region {reg:?}");
     assert_eq!(reg.epoch, 3, "region {reg:?}");
     eprintln!(

@@ -16,15 +16,11 @@
 
 mod support;
 
-use support::{finding, require, root};
+use support::{finding, prepare, require, root, RegionService};
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use r3map::auth::ClientTls;
-use r3map::backend::Backend;
-use r3map::remote::client::{Client, ConnectOptions};
+use std::time::{Duration, Instant};
 
 /// qemu's own timeout: three disruptions, each may stall a writer for the
 /// kernel's I/O timeout (NODE_IO_TIMEOUT, 30 s) under TCG.
@@ -39,28 +35,6 @@ const OFF: u64 = 1 << 20;
 const PIECE: u64 = 128 << 10;
 const COUNT: u64 = 100;
 
-/// Builds (or reuses) the guest image with the plugin, the client and the
-/// credentials in it.
-fn prepare(bins: &[&str], files: &[&Path]) {
-    let script = root().join("e2e/guest/prepare.sh");
-    let files: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("R3MAP_GUEST_EXTRA_BINS", bins.join(" "))
-        .env("R3MAP_GUEST_EXTRA_FILES", files.join(" "))
-        .env("R3MAP_GUEST_IMAGE", "initramfs-multiconn.gz")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed ({}): this test needs the guest kernel and initramfs\nstdout: {}\nstderr: {}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn supervisor_replaces_cut_connections_of_a_two_connection_device() {
     require("qemu-system-x86_64");
@@ -69,59 +43,22 @@ fn supervisor_replaces_cut_connections_of_a_two_connection_device() {
     std::fs::create_dir_all(&cache).unwrap();
     let (ca, cert, key, token) = support::credentials(&cache);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let backend = Command::new(support::r3map_bin())
-        .args(["backend", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--store", "memory:", "--chunk-size", "256KiB"])
-        .arg("--token-file")
-        .arg(&token)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .env("R3MAP_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn r3map backend");
-    let _backend = support::Proc(backend);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "r3map backend did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let opts = ConnectOptions {
-        addr: format!("127.0.0.1:{port}"),
-        token_file: Some(token.clone()),
-        tls: Some(ClientTls {
-            ca: ca.clone(),
-            cert: None,
-            key: None,
-            server_name: Some("localhost".into()),
-        }),
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let vol = format!("mc-e2e-{:08x}", rand::random::<u32>());
-    let client = rt
-        .block_on(Client::connect(&opts))
-        .expect("connect to the backend");
-    rt.block_on(client.create_region(Some(&vol), SIZE))
-        .expect("create the region");
+    let svc = RegionService::start(&ca, &cert, &key, &token);
+    let vol = svc.create("mc", SIZE);
 
     prepare(
+        "initramfs-multiconn.gz",
         &[
-            env!("CARGO_BIN_EXE_r3map-csi-node"),
-            env!("CARGO_BIN_EXE_r3map-csi-call"),
+            Path::new(env!("CARGO_BIN_EXE_r3map-csi-node")),
+            Path::new(env!("CARGO_BIN_EXE_r3map-csi-call")),
         ],
+        &[],
         &[&ca, &token],
     );
     let seed = u64::from(rand::random::<u32>() >> 2) + 1;
     let t = Instant::now();
     let (ok, console) = support::boot(
-        port,
+        svc.port,
         seed,
         GUEST_TIMEOUT,
         "initramfs-multiconn.gz",
@@ -178,9 +115,7 @@ fn supervisor_replaces_cut_connections_of_a_two_connection_device() {
     }
 
     // Every byte the pods msync'd is in the region; the rest is zero.
-    let b = rt.block_on(client.backend(&vol)).unwrap();
-    let mut buf = vec![0u8; SIZE as usize];
-    rt.block_on(b.read_at(0, &mut buf)).unwrap();
+    let buf = svc.read(&vol, SIZE);
     let len = PIECE * COUNT;
     for (i, &got) in buf.iter().enumerate() {
         let off = i as u64;

@@ -19,15 +19,11 @@
 
 mod support;
 
-use support::{credentials, finding, pat, r3map_bin, require, root, Proc};
+use support::{credentials, finding, pat, prepare, require, root, RegionService};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-use r3map::auth::ClientTls;
-use r3map::backend::Backend;
-use r3map::remote::client::{Client, ConnectOptions};
 
 /// qemu's own timeout; the scenario takes well under a minute under TCG.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -67,34 +63,6 @@ fn which(tool: &str) -> PathBuf {
         .unwrap()
 }
 
-/// Builds (or reuses) the guest image with the plugin, the client, nbdkit
-/// and its memory plugin, and the credentials.
-fn prepare(bins: &[&Path], libs: &[&Path], files: &[&Path]) {
-    let script = root().join("e2e/guest/prepare.sh");
-    let join = |ps: &[&Path]| {
-        ps.iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("R3MAP_GUEST_EXTRA_BINS", join(bins))
-        .env("R3MAP_GUEST_EXTRA_LIBS", join(libs))
-        .env("R3MAP_GUEST_EXTRA_FILES", join(files))
-        .env("R3MAP_GUEST_IMAGE", "initramfs-throughput.gz")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed ({}): this test needs the guest kernel and initramfs\nstdout: {}\nstderr: {}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A positive number from the FINDING `key`.
 fn seconds(console: &str, key: &str) -> f64 {
     let v: f64 = finding(console, key)
@@ -116,49 +84,11 @@ fn stage_to_ready_and_mmap_throughput_beside_nbdkit_memory() {
     std::fs::create_dir_all(&cache).unwrap();
     let (ca, cert, key, token) = credentials(&cache);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let backend = Command::new(r3map_bin())
-        .args(["backend", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--store", "memory:", "--chunk-size", "256KiB"])
-        .arg("--token-file")
-        .arg(&token)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .env("R3MAP_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn r3map backend");
-    let _backend = Proc(backend);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "r3map backend did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let opts = ConnectOptions {
-        addr: format!("127.0.0.1:{port}"),
-        token_file: Some(token.clone()),
-        tls: Some(ClientTls {
-            ca: ca.clone(),
-            cert: None,
-            key: None,
-            server_name: Some("localhost".into()),
-        }),
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let vol = format!("tp-e2e-{:08x}", rand::random::<u32>());
-    let client = rt
-        .block_on(Client::connect(&opts))
-        .expect("connect to the backend");
-    rt.block_on(client.create_region(Some(&vol), SIZE))
-        .expect("create the region");
+    let svc = RegionService::start(&ca, &cert, &key, &token);
+    let vol = svc.create("tp", SIZE);
 
     prepare(
+        "initramfs-throughput.gz",
         &[
             Path::new(env!("CARGO_BIN_EXE_r3map-csi-node")),
             Path::new(env!("CARGO_BIN_EXE_r3map-csi-call")),
@@ -170,7 +100,7 @@ fn stage_to_ready_and_mmap_throughput_beside_nbdkit_memory() {
     let seed = u64::from(rand::random::<u32>() >> 2) + 1;
     let t = Instant::now();
     let (ok, console) = support::boot(
-        port,
+        svc.port,
         seed,
         GUEST_TIMEOUT,
         "initramfs-throughput.gz",
@@ -195,9 +125,7 @@ fn stage_to_ready_and_mmap_throughput_beside_nbdkit_memory() {
 
     // The r3map bytes reached the region (unstage pushed them); the rest
     // of it is still zero.
-    let b = rt.block_on(client.backend(&vol)).unwrap();
-    let mut buf = vec![0u8; SIZE as usize];
-    rt.block_on(b.read_at(0, &mut buf)).unwrap();
+    let buf = svc.read(&vol, SIZE);
     for (i, &got) in buf.iter().enumerate() {
         let off = i as u64;
         let want = if off < LEN { pat(off, seed + 31) } else { 0 };

@@ -175,3 +175,115 @@ pub fn credentials(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     std::fs::write(&paths.3, token).unwrap();
     (paths.0, paths.1, paths.2, paths.3)
 }
+
+/// Builds (or reuses) the guest image `image` with `bins` (and the
+/// libraries ldd lists), `libs` (shared objects loaded at run time, with
+/// their libraries) and `files` (to /etc/r3map) in it: e2e/guest/prepare.sh.
+pub fn prepare(image: &str, bins: &[&Path], libs: &[&Path], files: &[&Path]) {
+    let script = root().join("e2e/guest/prepare.sh");
+    let join = |ps: &[&Path]| {
+        ps.iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("R3MAP_GUEST_EXTRA_BINS", join(bins))
+        .env("R3MAP_GUEST_EXTRA_LIBS", join(libs))
+        .env("R3MAP_GUEST_EXTRA_FILES", join(files))
+        .env("R3MAP_GUEST_IMAGE", image)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}): this test needs the guest kernel and initramfs\nstdout: {}\nstderr: {}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The region service (`r3map backend`, memory store, 256 KiB chunks) on
+/// the host, with TLS and a token as the guest reaches it at 10.0.2.2, and
+/// a client of it. Stopped when dropped.
+pub struct RegionService {
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    /// The runtime the client's calls run on.
+    pub rt: tokio::runtime::Runtime,
+    /// A client over TLS with the token.
+    pub client: r3map::remote::client::Client,
+    _proc: Proc,
+}
+
+impl RegionService {
+    /// Starts it with the credentials [`credentials`] wrote and waits
+    /// until it listens.
+    pub fn start(ca: &Path, cert: &Path, key: &Path, token: &Path) -> RegionService {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let backend = Command::new(r3map_bin())
+            .args(["backend", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--store", "memory:", "--chunk-size", "256KiB"])
+            .arg("--token-file")
+            .arg(token)
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key)
+            .env("R3MAP_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn r3map backend");
+        let proc = Proc(backend);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "r3map backend did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let opts = r3map::remote::client::ConnectOptions {
+            addr: format!("127.0.0.1:{port}"),
+            token_file: Some(token.to_path_buf()),
+            tls: Some(r3map::auth::ClientTls {
+                ca: ca.to_path_buf(),
+                cert: None,
+                key: None,
+                server_name: Some("localhost".into()),
+            }),
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let client = rt
+            .block_on(r3map::remote::client::Client::connect(&opts))
+            .expect("connect to the backend");
+        RegionService {
+            port,
+            rt,
+            client,
+            _proc: proc,
+        }
+    }
+
+    /// Creates a region of `size` bytes named `PREFIX-e2e-RANDOM`; returns
+    /// its name.
+    pub fn create(&self, prefix: &str, size: u64) -> String {
+        let vol = format!("{prefix}-e2e-{:08x}", rand::random::<u32>());
+        self.rt
+            .block_on(self.client.create_region(Some(&vol), size))
+            .expect("create the region");
+        vol
+    }
+
+    /// The region's bytes `0..size`.
+    pub fn read(&self, vol: &str, size: u64) -> Vec<u8> {
+        use r3map::backend::Backend;
+        let b = self.rt.block_on(self.client.backend(vol)).unwrap();
+        let mut buf = vec![0u8; size as usize];
+        self.rt.block_on(b.read_at(0, &mut buf)).unwrap();
+        buf
+    }
+}
