@@ -129,7 +129,7 @@ files=(${R3MAP_GUEST_EXTRA_FILES:-})
 for f in "${files[@]}"; do [ -f "$f" ] || die "extra file $f is missing"; done
 libs=(${R3MAP_GUEST_EXTRA_LIBS:-})
 for f in "${libs[@]}"; do [ -f "$f" ] || die "extra library $f is missing"; done
-scenarios=(netlink.sh csi.sh multiconn.sh demo.sh throughput.sh)
+scenarios=(netlink.sh csi.sh multiconn.sh demo.sh throughput.sh common.sh)
 stamp_inputs=("$here/init" "${scenarios[@]/#/$here/}" "$here/prepare.sh" "$out/mmapcheck" "$deb" "$busybox" "$(command -v nbd-client)" "${extra[@]}" "${files[@]}" "${libs[@]}")
 fresh=1
 [ -f "$out/$img" ] || fresh=0
