@@ -306,6 +306,16 @@ async fn reconcile_to_end(env: &Env, n: usize) {
     );
 }
 
+/// B pulls every chunk and the reconciler follows to the end: the
+/// migration is complete with B the owner. Returns the status then.
+async fn complete_on_b(env: &Env, id: &str) -> R3mapVolumeStatus {
+    env.world.pull(B, id, CHUNKS);
+    reconcile_to_end(env, 3).await;
+    let st = env.status(id);
+    assert_eq!(phase_of(&st), (MigrationPhase::Complete, Some(B)));
+    st
+}
+
 impl Env {
     fn status_json(&self) -> Value {
         self.api
@@ -473,10 +483,7 @@ async fn a_moved_rwo_pod_is_a_hand_over_from_the_node_that_kept_the_region() {
     env.reconcile().await;
     assert_eq!(env.status(&id).epoch, env.world.epoch(&id));
     assert!(env.world.epoch(&id) > 1);
-    env.world.pull(B, &id, CHUNKS);
-    reconcile_to_end(&env, 3).await;
-    let st = env.status(&id);
-    assert_eq!(phase_of(&st), (MigrationPhase::Complete, Some(B)));
+    let st = complete_on_b(&env, &id).await;
     assert_eq!(
         st.epoch,
         env.world.epoch(&id),
@@ -586,12 +593,7 @@ async fn a_source_that_dies_mid_migration_is_finalized_from_the_region_service()
     assert_eq!(phase_of(&st), (MigrationPhase::PostCopy, Some(B)));
     assert_eq!(st.epoch, 2);
     assert_eq!(env.world.writers(&id), [B]);
-    env.world.pull(B, &id, CHUNKS);
-    reconcile_to_end(&env, 3).await;
-    assert_eq!(
-        phase_of(&env.status(&id)),
-        (MigrationPhase::Complete, Some(B))
-    );
+    complete_on_b(&env, &id).await;
     env.assert_never_two_writers();
 }
 
@@ -636,12 +638,7 @@ async fn a_controller_restarted_mid_migration_finalizes_and_completes() {
         (MigrationPhase::PostCopy, Some(B))
     );
     env.restart_controller();
-    env.world.pull(B, &id, CHUNKS);
-    reconcile_to_end(&env, 3).await;
-    assert_eq!(
-        phase_of(&env.status(&id)),
-        (MigrationPhase::Complete, Some(B))
-    );
+    complete_on_b(&env, &id).await;
     assert_eq!(
         env.migration_events(),
         [
@@ -676,12 +673,7 @@ async fn a_controller_that_died_between_finalize_and_its_record_finalizes_again(
     let st = env.status(&id);
     assert_eq!(phase_of(&st), (MigrationPhase::PostCopy, Some(B)));
     assert_eq!(st.epoch, 2);
-    env.world.pull(B, &id, CHUNKS);
-    reconcile_to_end(&env, 3).await;
-    assert_eq!(
-        phase_of(&env.status(&id)),
-        (MigrationPhase::Complete, Some(B))
-    );
+    complete_on_b(&env, &id).await;
     env.assert_never_two_writers();
 }
 
@@ -704,12 +696,7 @@ async fn the_reconciler_records_a_finalize_the_record_missed() {
     env.unpublish(&id, A).await.unwrap();
     assert_eq!(env.world.calls_to(B), ["Finalize"]);
     assert_eq!(env.attached(&id), [B]);
-    env.world.pull(B, &id, CHUNKS);
-    reconcile_to_end(&env, 3).await;
-    assert_eq!(
-        phase_of(&env.status(&id)),
-        (MigrationPhase::Complete, Some(B))
-    );
+    complete_on_b(&env, &id).await;
     assert_eq!(
         env.migration_events(),
         [
@@ -789,10 +776,7 @@ async fn a_conflict_on_every_write_loses_no_attachment_or_migration_state() {
     assert_eq!(env.attached(&id), [B]);
     // Injected 409s without a change, too, on top.
     env.api.fail_writes("r3mapvolumes", 3, 409);
-    env.world.pull(B, &id, CHUNKS);
-    reconcile_to_end(&env, 3).await;
-    let st = env.status(&id);
-    assert_eq!(phase_of(&st), (MigrationPhase::Complete, Some(B)));
+    let st = complete_on_b(&env, &id).await;
     assert_eq!(env.attached(&id), [B]);
     // The other writer's field survived every write of ours.
     assert_eq!(st.migration_endpoint.as_deref(), Some("10.9.9.9:7443"));
